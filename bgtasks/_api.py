@@ -1,0 +1,281 @@
+"""wait_until, @background and current_task: the surface users touch."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
+
+from typing_extensions import ParamSpec
+
+from . import _context
+from ._limits import Limits
+from ._runtime import Isolation, Kind, Runtime, Spec, active, is_async_callable
+from ._task import Progress, TaskHandle
+
+__all__ = ["BackgroundFunction", "CurrentTask", "background", "current_task", "wait_until"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def wait_until(
+    aw: Any, /, *args: Any, name: str | None = None, limits: Limits | None = None
+) -> TaskHandle:
+    """Run ``aw`` in the background on the active runtime; return its handle at once.
+
+    ``aw`` is an awaitable, or a callable run with ``*args`` (a sync callable in
+    a worker thread). Raises ``RuntimeNotActive`` if no runtime is installed.
+    """
+    rt = _context.active_runtime.get()
+    if rt is None:
+        if inspect.iscoroutine(aw):
+            aw.close()
+        rt = active()
+    return rt.wait_until(aw, *args, name=name, limits=limits)
+
+
+class CurrentTask:
+    """The task whose code is running: see ``current_task()``."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: TaskHandle) -> None:
+        self._handle = handle
+
+    def __repr__(self) -> str:
+        return f"<CurrentTask id={self.id!r} name={self.name!r} attempt={self.attempt}>"
+
+    @property
+    def id(self) -> str:
+        return self._handle.id
+
+    @property
+    def name(self) -> str:
+        return self._handle.name
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first attempt, 2 on the first retry, and so on."""
+        return self._handle._attempts
+
+    @property
+    def handle(self) -> TaskHandle:
+        return self._handle
+
+    def report_progress(
+        self, done: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Show progress in the task's record (``progress`` in the status JSON)."""
+        self._handle._report_progress(done, total, message)
+
+
+def current_task() -> CurrentTask | None:
+    """Inside a task: its id, name, attempt and ``report_progress``; else None."""
+    handle = _context.current_task_var.get()
+    if handle is None:
+        return None
+    return CurrentTask(handle)
+
+
+class BackgroundFunction(Protocol[P, R]):
+    """What ``@background`` returns: call it to schedule the original."""
+
+    __wrapped__: Callable[P, R]
+    __name__: str
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+    def using(
+        self, *, idempotency_key: str | None = None, limits: Limits | None = None
+    ) -> BackgroundFunction[P, R]: ...
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle: ...
+
+
+class _Options(Generic[P, R]):
+    """What one ``@background`` decoration fixed, shared by its bound copies."""
+
+    __slots__ = ("durable", "fn", "isolation", "kind", "limits", "name", "retries", "runtime")
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None,
+        retries: int,
+        limits: Limits | None,
+        durable: bool,
+        isolation: Isolation,
+        runtime: Runtime | None,
+    ) -> None:
+        if not callable(fn):
+            msg = f"@background decorates a function, got {type(fn).__name__}."
+            raise TypeError(msg)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            msg = f"retries must be an int >= 0 (extra attempts after the first), got {retries!r}."
+            raise ValueError(msg)
+        if limits is not None and not isinstance(limits, Limits):
+            msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
+            raise TypeError(msg)
+        if isolation not in ("inline", "process"):
+            msg = f"isolation must be 'inline' or 'process', got {isolation!r}."
+            raise ValueError(msg)
+        if isolation == "inline" and limits is not None and limits.memory is not None:
+            msg = (
+                f"@background on {_qualname(fn)}: Limits(memory=...) cannot bound a task "
+                'that runs in this process; add isolation="process" to run it in a worker '
+                "process with a hard memory limit, or bound the whole process with "
+                "Runtime(memory_limit=...)."
+            )
+            raise ValueError(msg)
+        kind: Kind
+        if isolation == "process":
+            from ._process import check_importable
+
+            check_importable(fn)
+            kind = "process"
+        else:
+            kind = "async" if is_async_callable(fn) else "sync"
+        self.fn = fn
+        self.name = name or _qualname(fn)
+        self.retries = retries
+        self.limits = limits
+        self.durable = durable
+        self.isolation = isolation
+        self.kind = kind
+        self.runtime = runtime
+        if durable:
+            from ._durable import check_durable
+
+            check_durable(fn)
+
+    def schedule(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        limits: Limits | None,
+        idempotency_key: str | None,
+    ) -> TaskHandle:
+        rt = self.runtime or active()
+        lim = rt._task_limits(limits or self.limits, inline=self.kind != "process")
+        if self.kind == "process":
+            from ._process import check_picklable
+
+            check_picklable(args, kwargs)
+        spec = Spec(self.kind, self.fn, args, kwargs, lim, self.retries)
+        if self.durable or idempotency_key is not None:
+            from ._durable import submit_durable
+
+            return submit_durable(rt, self, spec, idempotency_key)
+        return rt.submit(spec, name=self.name)
+
+
+def _qualname(fn: object) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{module}.{name}" if module and module != "__main__" else str(name)
+
+
+def _make_wrapper(
+    opts: _Options[P, R], limits: Limits | None, idempotency_key: str | None
+) -> BackgroundFunction[P, R]:
+    fn = opts.fn
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: Any) -> Any:
+        responder = _context.responder.get()
+        key = idempotency_key
+        if responder is not None and key is None and responder.is_endpoint(wrapper):
+            key = responder.idempotency_key
+        handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=key)
+        if responder is not None and responder.is_endpoint(wrapper):
+            return responder.accepted(handle)
+        return handle
+
+    wrapper: Any
+    if opts.kind == "async" or (opts.kind == "process" and inspect.iscoroutinefunction(fn)):
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return call(args, kwargs, wrapper)
+
+    else:
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return call(args, kwargs, wrapper)
+
+    def using(
+        *, idempotency_key: str | None = None, limits: Limits | None = None
+    ) -> BackgroundFunction[P, R]:
+        if limits is not None and not isinstance(limits, Limits):
+            msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
+            raise TypeError(msg)
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
+        ):
+            msg = "idempotency_key must be a non-empty string of at most 255 characters."
+            raise ValueError(msg)
+        return _make_wrapper(opts, limits, idempotency_key)
+
+    def submit(*args: Any, **kwargs: Any) -> TaskHandle:
+        return opts.schedule(args, kwargs, limits=limits, idempotency_key=idempotency_key)
+
+    wrapper.using = using
+    wrapper.submit = submit
+    wrapper.options = opts
+    # FastAPI documents the route from the signature; the endpoint returns 202.
+    wrapper.__bgtasks__ = opts
+    return wrapper  # type: ignore[no-any-return]
+
+
+@overload
+def background(fn: Callable[P, R], /) -> BackgroundFunction[P, R]: ...
+@overload
+def background(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    limits: Limits | None = None,
+    durable: bool = False,
+    isolation: Literal["inline", "process"] = "inline",
+) -> Callable[[Callable[P, R]], BackgroundFunction[P, R]]: ...
+
+
+def background(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    limits: Limits | None = None,
+    durable: bool = False,
+    isolation: Literal["inline", "process"] = "inline",
+    runtime: Runtime | None = None,
+) -> BackgroundFunction[P, R] | Callable[[Callable[P, R]], BackgroundFunction[P, R]]:
+    """Make calling ``fn`` schedule it in the background.
+
+    In a request handled by a bgtasks adapter, where the decorated function is
+    the endpoint, the call answers ``202 Accepted`` with the status URL;
+    anywhere else it returns a ``TaskHandle``. An async function's wrapper is
+    async: ``await fn(...)`` returns at once. ``fn.submit(...)`` always returns
+    a handle, from sync or async code. ``fn.__wrapped__`` is the original.
+    """
+
+    def decorate(f: Callable[P, R]) -> BackgroundFunction[P, R]:
+        opts = _Options(
+            f,
+            name=name,
+            retries=retries,
+            limits=limits,
+            durable=durable,
+            isolation=isolation,
+            runtime=runtime,
+        )
+        return _make_wrapper(opts, None, None)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

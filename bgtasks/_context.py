@@ -1,0 +1,43 @@
+"""Context variables: the active runtime, the current task, the responder."""
+
+from __future__ import annotations
+
+import contextvars
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+    from ._task import TaskHandle
+
+__all__ = ["active_runtime", "current_task_var", "responder"]
+
+#: The runtime ``bgtasks.wait_until`` and ``@background`` use.
+active_runtime: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "bgtasks.active_runtime", default=None
+)
+
+#: The task whose code is running, for ``current_task()``.
+current_task_var: contextvars.ContextVar[TaskHandle | None] = contextvars.ContextVar(
+    "bgtasks.current_task", default=None
+)
+
+
+class Responder(Protocol):
+    """Set by a framework adapter for the length of a request.
+
+    A ``@background`` function that is the request's endpoint answers with
+    ``accepted(handle)`` (the framework's 202 response); called anywhere else it
+    returns the handle.
+    """
+
+    #: the request's ``Idempotency-Key`` header, if any
+    idempotency_key: str | None
+
+    def is_endpoint(self, fn: Any) -> bool: ...
+
+    def accepted(self, handle: TaskHandle) -> Any: ...
+
+
+responder: contextvars.ContextVar[Responder | None] = contextvars.ContextVar(
+    "bgtasks.responder", default=None
+)
