@@ -1,0 +1,145 @@
+"""The HTTP side shared by every adapter, with no framework in it.
+
+Both the ASGI and the WSGI adapter turn a request into ``(method, path,
+headers)``, ask this module what to answer, and write the ``Reply`` in their
+own protocol. Authorisation, status codes and bodies are decided here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Union
+
+from ._errors import RegistryFull
+from ._ids import is_valid_id
+from ._task import FINISHED, TaskHandle, TaskRecord
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "Action",
+    "Authorize",
+    "Reply",
+    "StatusRoutes",
+    "accepted",
+    "overloaded",
+]
+
+DEFAULT_PREFIX = "/_bgtasks/tasks"
+Action = Literal["read", "cancel"]
+#: ``authorize(request, record, action) -> bool``: may this request read or
+#: cancel this task? ``request`` is the framework's own request object.
+Authorize = Callable[[Any, TaskRecord, Action], Union[bool, Awaitable[bool]]]
+
+_JSON = ("content-type", "application/json")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def reason(self) -> str:
+        return _REASONS.get(self.status, "")
+
+
+_REASONS = {
+    200: "OK",
+    202: "Accepted",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    503: "Service Unavailable",
+}
+
+
+def _json(status: int, payload: object, headers: list[tuple[str, str]] | None = None) -> Reply:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Reply(status, [_JSON, ("content-length", str(len(body))), *(headers or [])], body)
+
+
+def _record(status: int, record: TaskRecord, *, include_result: bool) -> Reply:
+    exclude = None if include_result else {"result"}
+    body = record.model_dump_json(exclude=exclude).encode()
+    return Reply(status, [_JSON, ("content-length", str(len(body)))], body)
+
+
+def not_found() -> Reply:
+    return _json(404, {"detail": "Task not found"})
+
+
+def accepted(handle: TaskHandle, status_url: str) -> Reply:
+    """The 202 a ``@background`` endpoint answers with."""
+    return _json(
+        202,
+        {"id": handle.id, "status": handle.status, "status_url": status_url},
+        [("location", status_url)],
+    )
+
+
+def accepted_body(handle: TaskHandle, status_url: str) -> dict[str, str]:
+    return {"id": handle.id, "status": handle.status, "status_url": status_url}
+
+
+def overloaded(exc: RegistryFull) -> Reply:
+    """503 with ``Retry-After`` for work the runtime refused."""
+    retry_after = max(1, round(exc.retry_after))
+    return _json(503, {"detail": str(exc)}, [("retry-after", str(retry_after))])
+
+
+class StatusRoutes:
+    """``GET``/``DELETE <prefix>/<id>``: read or cancel a task."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        authorize: Authorize | None = None,
+        include_result: bool = True,
+    ) -> None:
+        if not prefix.startswith("/") or prefix.endswith("/"):
+            msg = f"status_prefix must start with '/' and not end with one, got {prefix!r}."
+            raise ValueError(msg)
+        self.prefix = prefix
+        self._with_slash = prefix + "/"
+        self.authorize = authorize
+        self.include_result = include_result
+
+    def url_path(self, task_id: str) -> str:
+        return self._with_slash + task_id
+
+    def match(self, path: str) -> str | None:
+        """The id part if ``path`` is under the prefix (valid or not), else None."""
+        if path.startswith(self._with_slash):
+            return path[len(self._with_slash) :]
+        return None
+
+    def lookup(self, runtime: Any, method: str, task_id: str) -> Reply | TaskRecord:
+        """First half of a request: a final reply, or the record to authorise."""
+        if method not in ("GET", "HEAD", "DELETE"):
+            return Reply(405, [("allow", "GET, HEAD, DELETE"), ("content-length", "0")], b"")
+        if not is_valid_id(task_id):
+            return not_found()
+        record: TaskRecord | None = runtime.get(task_id)
+        if record is None:
+            return not_found()
+        return record
+
+    def act(self, runtime: Any, method: str, record: TaskRecord, allowed: bool) -> Reply:
+        """Second half: answer once ``authorize`` has had its say."""
+        if not allowed:
+            # 404, not 403: a refused reader learns nothing, not even that the id exists.
+            return not_found()
+        if method == "DELETE":
+            if record.status in FINISHED:
+                return _json(409, {"detail": f"Task already {record.status}", "status": record.status})
+            runtime.cancel(record.id)
+            return _record(202, runtime.get(record.id) or record, include_result=self.include_result)
+        return _record(200, record, include_result=self.include_result)
+
+    @staticmethod
+    def action(method: str) -> Action:
+        return "cancel" if method == "DELETE" else "read"
