@@ -12,7 +12,7 @@ from typing_extensions import ParamSpec
 from . import _context
 from ._limits import Limits
 from ._runtime import Isolation, Kind, Runtime, Spec, active, is_async_callable
-from ._task import Progress, TaskHandle
+from ._task import TaskHandle
 
 __all__ = ["BackgroundFunction", "CurrentTask", "background", "current_task", "wait_until"]
 

@@ -87,7 +87,7 @@ class Slot:
             self.cpu_base += _thread_time() - self.step_start
             if self.fired:
                 # Fired but maybe not yet raised: make sure it never is.
-                _set_async_exc(tid, ctypes.py_object())  # type: ignore[arg-type]
+                _set_async_exc(tid, ctypes.py_object())
 
     def disarm_safely(self) -> None:
         while True:

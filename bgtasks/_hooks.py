@@ -60,7 +60,7 @@ class UnhandledRejectionEvent:
 
 
 Event = Union[BeforeUnloadEvent, UnhandledRejectionEvent]
-Handler = Callable[[Any], Union[None, Awaitable[None]]]
+Handler = Callable[[Any], Awaitable[None] | None]
 
 
 async def dispatch(handlers: list[Handler], event: Event) -> None:

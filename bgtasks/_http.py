@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ._errors import RegistryFull
 from ._ids import is_valid_id
@@ -30,7 +30,7 @@ DEFAULT_PREFIX = "/_bgtasks/tasks"
 Action = Literal["read", "cancel"]
 #: ``authorize(request, record, action) -> bool``: may this request read or
 #: cancel this task? ``request`` is the framework's own request object.
-Authorize = Callable[[Any, TaskRecord, Action], Union[bool, Awaitable[bool]]]
+Authorize = Callable[[Any, TaskRecord, Action], bool | Awaitable[bool]]
 
 _JSON = ("content-type", "application/json")
 
@@ -135,9 +135,13 @@ class StatusRoutes:
             return not_found()
         if method == "DELETE":
             if record.status in FINISHED:
-                return _json(409, {"detail": f"Task already {record.status}", "status": record.status})
+                return _json(
+                    409, {"detail": f"Task already {record.status}", "status": record.status}
+                )
             runtime.cancel(record.id)
-            return _record(202, runtime.get(record.id) or record, include_result=self.include_result)
+            return _record(
+                202, runtime.get(record.id) or record, include_result=self.include_result
+            )
         return _record(200, record, include_result=self.include_result)
 
     @staticmethod

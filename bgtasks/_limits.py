@@ -44,7 +44,8 @@ def parse_size(value: int | str | None, *, what: str) -> int | None:
             raise ValueError(msg)
         n = int(float(m.group(1)) * _UNITS[unit])
     else:
-        msg = f"{what} must be a number of bytes or a string like '256MiB', not {type(value).__name__}."
+        kind = type(value).__name__
+        msg = f"{what} must be a number of bytes or a string like '256MiB', not {kind}."
         raise TypeError(msg)
     if n <= 0:
         msg = f"{what} must be positive, got {value!r}; use None for no limit."

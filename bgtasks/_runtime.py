@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -45,7 +46,6 @@ from ._task import FINISHED, ErrorInfo, TaskHandle, TaskRecord, TaskStatus
 from ._threads import ThreadPool
 
 if TYPE_CHECKING:
-    from ._api import BackgroundFunction
     from .stores import Store
 
 __all__ = ["Backoff", "Runtime", "Spec"]
@@ -350,10 +350,7 @@ class Runtime:
         ``rt.on("beforeunload", fn)`` or ``@rt.on("beforeunload")``; sync or async.
         """
         if event not in self._handlers:
-            msg = (
-                f"unknown event {event!r}; bgtasks fires 'beforeunload' and "
-                "'unhandledrejection'."
-            )
+            msg = f"unknown event {event!r}; bgtasks fires 'beforeunload' and 'unhandledrejection'."
             raise ValueError(msg)
 
         def register(fn: F) -> F:
@@ -540,10 +537,7 @@ class Runtime:
             raise
 
     async def _run_attempts(self, t: TaskHandle, work: Any) -> None:
-        if type(work) is _CoroutineType:
-            spec = Spec("coro", work)
-        else:
-            spec = work
+        spec = Spec("coro", work) if type(work) is _CoroutineType else work
         if spec.kind == "coro" or spec.retries == 0:
             self._started(t)
             result = await self._attempt(t, spec)
@@ -627,7 +621,7 @@ class Runtime:
                     t._x.slot = None
 
     def _stop_error(self, t: TaskHandle, spec: Spec | None) -> BaseException:
-        stop = t._x.stop_exc if t._x is not None else None
+        stop: BaseException | None = t._x.stop_exc if t._x is not None else None
         if stop is not None:
             return stop
         budget = spec.limits.cpu_time if spec is not None else None
@@ -653,10 +647,8 @@ class Runtime:
             except BaseException as exc:
                 outcome = (False, exc)
             slot.disarm_safely()
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(deliver, outcome)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
         async with self._thread_sem:
             self._threads.submit(body)
@@ -686,7 +678,7 @@ class Runtime:
             pool = self._process_pool = ProcessPool(size=self.process_pool_size)
 
         def progress(done: float, total: float | None, message: str | None) -> None:
-            t.report_progress(done, total, message)
+            t._report_progress(done, total, message)
 
         return await pool.run(
             spec.fn,
@@ -740,7 +732,9 @@ class Runtime:
 
     def _finish(self, t: TaskHandle, status: TaskStatus) -> None:
         t._status = status
-        now = t._finished_at = t._finished_at if status == "failed" else _now()
+        if status != "failed" or t._finished_at is None:
+            t._finished_at = _now()
+        now = t._finished_at
         t._task = None
         t._work = None
         self._running.pop(t._id, None)
@@ -813,10 +807,8 @@ class Runtime:
 
     def _warn_threadsafe(self, t: TaskHandle, reason: UnloadReason) -> None:
         if self._loop is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
                 self._loop.call_soon_threadsafe(self._warn, t, reason)
-            except RuntimeError:
-                pass
 
     # ------------------------------------------------------------------ queries
     def get(self, task_id: str) -> TaskRecord | None:
@@ -840,24 +832,12 @@ class Runtime:
         return counts
 
     # ------------------------------------------------------------------ decorators
-    @overload
-    def background(self, fn: F, /) -> BackgroundFunction: ...
-    @overload
-    def background(
-        self,
-        *,
-        name: str | None = None,
-        retries: int = 0,
-        limits: Limits | None = None,
-        durable: bool = False,
-        isolation: Isolation = "inline",
-    ) -> Callable[[F], BackgroundFunction]: ...
-
-    def background(self, fn: Any = None, /, **options: Any) -> Any:
-        """``@rt.background``: like ``@bgtasks.background`` but bound to this runtime."""
+    def background(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """``@rt.background`` / ``@rt.background(...)``: like ``@bgtasks.background``,
+        bound to this runtime instead of the one active in context."""
         from ._api import background
 
-        return background(fn, runtime=self, **options)
+        return background(fn, runtime=self, **options)  # type: ignore[call-overload]
 
     # ------------------------------------------------------------------ background loops
     def _side(self, aw: Awaitable[Any]) -> asyncio.Task[Any]:

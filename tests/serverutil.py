@@ -6,6 +6,7 @@ its output attached.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,7 +31,9 @@ def free_port() -> int:
         return port
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -58,9 +61,13 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.ready_path = ready_path
         self.startup_timeout = startup_timeout
-        self._log = tempfile.NamedTemporaryFile(prefix="bgtasks-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in __exit__
+            prefix="bgtasks-server-", suffix=".log", delete=False
+        )
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), full_env.get("PYTHONPATH", "")])
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(TESTS), str(ROOT), full_env.get("PYTHONPATH", "")]
+        )
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})
         self._env = full_env
@@ -69,7 +76,11 @@ class Server:
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd,
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self._env,
+            cwd=self._cwd,
             start_new_session=True,
         )
 
@@ -108,10 +119,8 @@ class Server:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(10)
 
     def __enter__(self) -> Server:
