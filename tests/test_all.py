@@ -44,7 +44,7 @@ def test_all_matches_module() -> None:
 
 
 def test_contract_names_are_exported() -> None:
-    assert CONTRACT <= set(bgtasks.__all__)
+    assert set(bgtasks.__all__) >= CONTRACT
 
 
 def test_exception_tree() -> None:

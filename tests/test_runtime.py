@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import bgtasks
@@ -22,7 +23,7 @@ async def test_wait_until_coroutine_succeeds_with_json_result() -> None:
     async with Runtime() as rt:
 
         async def job(x: int) -> dict[str, int]:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return {"double": x * 2}
 
         handle = rt.wait_until(job(21))
@@ -245,7 +246,7 @@ async def test_cpu_limit_stops_coroutine_that_never_yields() -> None:
         # The loop keeps serving other tasks afterwards.
 
         async def after() -> str:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return "still serving"
 
         assert (await rt.wait_until(after()).wait(5)).result == "still serving"
@@ -393,8 +394,8 @@ async def test_beforeunload_once_on_shutdown_before_cancelling() -> None:
 
         @rt.on("beforeunload")
         async def on_unload(event: bgtasks.BeforeUnloadEvent) -> None:
-            await anyio.sleep(0)
-            seen.append((event.reason, None if event.task else None, handle.status))
+            await anyio.lowlevel.checkpoint()
+            seen.append((event.reason, event.task and event.task.id, handle.status))
 
         with anyio.fail_after(5):
             await started.wait()
@@ -440,7 +441,7 @@ async def test_cancellation_is_not_a_rejection() -> None:
     async with Runtime() as rt:
         rt.on("unhandledrejection", events.append)
         handle = rt.wait_until(anyio.sleep(60))
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         assert handle.cancel() is True
         assert (await handle.wait(5)).status == "cancelled"
         assert handle.cancel() is False
@@ -657,7 +658,7 @@ async def test_background_returns_handle_and_keeps_original() -> None:
 
 
 async def test_using_binds_limits() -> None:
-    async with Runtime() as rt:
+    async with Runtime():
 
         @bgtasks.background
         async def slow() -> None:
