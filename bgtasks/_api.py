@@ -11,7 +11,7 @@ from typing_extensions import ParamSpec
 
 from . import _context
 from ._limits import Limits
-from ._runtime import Isolation, Kind, Runtime, Spec, active, is_async_callable
+from ._runtime import Isolation, Kind, Runtime, Spec, _describe, active, is_async_callable
 from ._task import TaskHandle
 
 __all__ = ["BackgroundFunction", "CurrentTask", "background", "current_task", "wait_until"]
@@ -33,7 +33,19 @@ def wait_until(
         if inspect.iscoroutine(aw):
             aw.close()
         rt = active()
-    return rt.wait_until(aw, *args, name=name, limits=limits)
+    work = _context.wrap_work(aw)
+    if work is aw:
+        return rt.wait_until(aw, *args, name=name, limits=limits)
+    # The adapter wrapped it (e.g. in Flask's request context): keep the task's
+    # name, and close the caller's coroutine if it is refused.
+    if name is None:
+        name = aw.__qualname__ if inspect.iscoroutine(aw) else _describe(aw)
+    try:
+        return rt.wait_until(work, *args, name=name, limits=limits)
+    except BaseException:
+        if inspect.iscoroutine(aw):
+            aw.close()
+        raise
 
 
 class CurrentTask:
@@ -159,18 +171,40 @@ class _Options(Generic[P, R]):
         limits: Limits | None,
         idempotency_key: str | None,
     ) -> TaskHandle:
+        rt, spec = self._prepare(args, kwargs, limits)
+        if self.durable or idempotency_key is not None:
+            from ._durable import submit_durable
+
+            return submit_durable(rt, self, spec, idempotency_key)
+        return rt.submit(spec, name=self.name)
+
+    async def schedule_async(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        limits: Limits | None,
+        idempotency_key: str | None,
+    ) -> TaskHandle:
+        """``schedule`` for async wrappers: a journal write is awaited, not waited on."""
+        rt, spec = self._prepare(args, kwargs, limits)
+        if self.durable or idempotency_key is not None:
+            from ._durable import submit_durable_async
+
+            return await submit_durable_async(rt, self, spec, idempotency_key)
+        return rt.submit(spec, name=self.name)
+
+    def _prepare(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], limits: Limits | None
+    ) -> tuple[Runtime, Spec]:
         rt = self.runtime or active()
         lim = rt._task_limits(limits or self.limits, inline=self.kind != "process")
         if self.kind == "process":
             from ._process import check_picklable
 
             check_picklable(args, kwargs)
-        spec = Spec(self.kind, self.fn, args, kwargs, lim, self.retries)
-        if self.durable or idempotency_key is not None:
-            from ._durable import submit_durable
-
-            return submit_durable(rt, self, spec, idempotency_key)
-        return rt.submit(spec, name=self.name)
+        fn = self.fn if self.kind == "process" else _context.wrap_work(self.fn)
+        return rt, Spec(self.kind, fn, args, kwargs, lim, self.retries)
 
 
 def _qualname(fn: object) -> str:
@@ -194,12 +228,26 @@ def _make_wrapper(
             return responder.accepted(handle)
         return handle
 
+    async def acall(args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: Any) -> Any:
+        # Like call, but a journal write (durable task, idempotency key) is awaited.
+        responder = _context.responder.get()
+        key = idempotency_key
+        if responder is not None and key is None and responder.is_endpoint(wrapper):
+            key = responder.idempotency_key
+        if opts.durable or key is not None:
+            handle = await opts.schedule_async(args, kwargs, limits=limits, idempotency_key=key)
+        else:
+            handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=None)
+        if responder is not None and responder.is_endpoint(wrapper):
+            return responder.accepted(handle)
+        return handle
+
     wrapper: Any
     if opts.kind == "async" or (opts.kind == "process" and inspect.iscoroutinefunction(fn)):
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return call(args, kwargs, wrapper)
+            return await acall(args, kwargs, wrapper)
 
     else:
 
@@ -228,7 +276,28 @@ def _make_wrapper(
     wrapper.options = opts
     # FastAPI documents the route from the signature; the endpoint returns 202.
     wrapper.__bgtasks__ = opts
+    sig = _endpoint_signature(fn)
+    if sig is not None:
+        wrapper.__signature__ = sig
     return wrapper  # type: ignore[no-any-return]
+
+
+def _endpoint_signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """The original's parameters, returning the 202 body: what FastAPI documents.
+
+    FastAPI reads the request's parameters and the response model from the
+    endpoint's signature; as an endpoint the wrapper answers ``TaskAccepted``.
+    """
+    from ._http import TaskAccepted
+
+    try:
+        try:
+            sig = inspect.signature(fn, eval_str=True)
+        except Exception:  # a forward reference not defined yet: FastAPI resolves it later
+            sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without a signature
+        return None
+    return sig.replace(return_annotation=TaskAccepted)
 
 
 @overload

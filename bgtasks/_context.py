@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._task import TaskHandle
 
-__all__ = ["active_runtime", "current_task_var", "responder"]
+__all__ = ["active_runtime", "current_task_var", "responder", "wrap_work"]
 
 #: The runtime ``bgtasks.wait_until`` and ``@background`` use.
 active_runtime: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
@@ -37,7 +37,22 @@ class Responder(Protocol):
 
     def accepted(self, handle: TaskHandle) -> Any: ...
 
+    # Optional: ``wrap(work) -> work``. When the responder has it, work scheduled
+    # during the request (a function, or a coroutine object) passes through it
+    # first, so the adapter can carry request state into the task (the WSGI/Flask
+    # adapter runs it inside a copy of Flask's app and request context). It must
+    # keep a function's kind: a sync function stays sync, an async one async.
+
 
 responder: contextvars.ContextVar[Responder | None] = contextvars.ContextVar(
     "bgtasks.responder", default=None
 )
+
+
+def wrap_work(work: Any) -> Any:
+    """``work`` passed through the current responder's optional ``wrap``."""
+    r = responder.get()
+    if r is None:
+        return work
+    wrap = getattr(r, "wrap", None)
+    return work if wrap is None else wrap(work)

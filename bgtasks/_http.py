@@ -12,9 +12,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
+import pydantic
+
 from ._errors import RegistryFull
 from ._ids import is_valid_id
-from ._task import FINISHED, TaskHandle, TaskRecord
+from ._task import FINISHED, TaskHandle, TaskRecord, TaskStatus
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -22,6 +24,7 @@ __all__ = [
     "Authorize",
     "Reply",
     "StatusRoutes",
+    "TaskAccepted",
     "accepted",
     "overloaded",
 ]
@@ -65,6 +68,14 @@ def _record(status: int, record: TaskRecord, *, include_result: bool) -> Reply:
     exclude = None if include_result else {"result"}
     body = record.model_dump_json(exclude=exclude).encode()
     return Reply(status, [_JSON, ("content-length", str(len(body)))], body)
+
+
+class TaskAccepted(pydantic.BaseModel):
+    """The JSON body of a ``202 Accepted`` answer, as OpenAPI documents it."""
+
+    id: str
+    status: TaskStatus
+    status_url: str
 
 
 def not_found() -> Reply:

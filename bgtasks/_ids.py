@@ -1,41 +1,44 @@
-"""Task ids: 128 random bits, URL-safe base64 (22 characters)."""
+"""Task ids: 144 random bits from the OS's CSPRNG, URL-safe base64 (24 characters)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import re
-import threading
 
 __all__ = ["is_valid_id", "new_id"]
 
-_BATCH = 256
-_lock = threading.Lock()
-_buf = b""
-_pos = 0
-_VALID = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_BATCH = 512
+_ID_BYTES = 18  # a multiple of 3: base64 without padding, 24 characters
+_ID_LEN = 24
+_VALID = re.compile(r"[A-Za-z0-9_-]{24}")
+_pool: list[str] = []
+
+
+def _refill() -> None:
+    text = base64.urlsafe_b64encode(os.urandom(_ID_BYTES * _BATCH)).decode("ascii")
+    _pool.extend([text[i : i + _ID_LEN] for i in range(0, len(text), _ID_LEN)])
 
 
 def _reset_after_fork() -> None:
-    # A child must never hand out ids from its parent's buffer.
-    global _buf, _pos
-    _buf, _pos = b"", 0
+    # A child must never hand out ids its parent (or a sibling) may also use.
+    _pool.clear()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def new_id() -> str:
-    """A fresh id from the OS's CSPRNG, read in batches to keep it cheap."""
-    global _buf, _pos
-    with _lock:
-        if _pos >= len(_buf):
-            _buf, _pos = os.urandom(16 * _BATCH), 0
-        raw = _buf[_pos : _pos + 16]
-        _pos += 16
-    return base64.urlsafe_b64encode(raw)[:22].decode("ascii")
+    """A fresh id. Ids are made in batches: one ``os.urandom`` call per 512."""
+    # list.pop is atomic under the GIL, so threads never share an id; two
+    # threads refilling at once only make the pool bigger.
+    try:
+        return _pool.pop()
+    except IndexError:
+        _refill()
+        return _pool.pop()
 
 
 def is_valid_id(value: str) -> bool:
     """Whether ``value`` has the shape of a task id (cheap; no lookup)."""
-    return len(value) == 22 and _VALID.match(value) is not None
+    return len(value) == _ID_LEN and _VALID.fullmatch(value) is not None

@@ -95,8 +95,8 @@ class Limits:
 
     def merged(self, override: Limits | None) -> Limits:
         """Fields set on ``override`` win over ours."""
-        if override is None:
-            return self
+        if override is None or self.unlimited:
+            return override or self
         return Limits(
             wall_clock=override.wall_clock if override.wall_clock is not None else self.wall_clock,
             cpu_time=override.cpu_time if override.cpu_time is not None else self.cpu_time,

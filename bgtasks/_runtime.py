@@ -21,7 +21,7 @@ import stamina
 from pydantic_core import to_jsonable_python
 
 from . import _context
-from ._enforce import Interrupt, Metered, Slot, Watchdog
+from ._enforce import Deadlines, Interrupt, Metered, Slot, Watchdog
 from ._errors import (
     BgTasksError,
     CPULimitExceeded,
@@ -195,17 +195,23 @@ class Runtime:
         self.process_pool_size = process_pool_size
         self._store_arg = store
         self.store: Store = _open_store_spec(store)
+        self._persist = self.store.durable  # records go to the store at every transition
 
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
         self._registry: dict[str, TaskHandle] = {}  # every known task, until it expires
         self._running: dict[str, TaskHandle] = {}  # started, in start order
         self._finished: collections.deque[tuple[float, str]] = collections.deque()
+        # Unfinished tasks: _unfinished is written only on the loop thread (no lock on
+        # the hot path); admissions from other threads count in _foreign, under
+        # _lock, until _spawn moves them over.
         self._unfinished = 0
+        self._foreign = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._state: Literal["new", "started", "closing", "closed"] = "new"
-        self._idle: asyncio.Event | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._deadlines: Deadlines | None = None
         self._sem: asyncio.Semaphore | None = None
         self._thread_sem: asyncio.Semaphore | None = None
         self._threads = ThreadPool()
@@ -246,11 +252,10 @@ class Runtime:
             raise RuntimeError(msg)
         self._loop = asyncio.get_running_loop()
         self._loop_thread_id = _get_ident()
-        self._idle = asyncio.Event()
-        self._idle.set()
         if self.max_concurrency is not None:
             self._sem = asyncio.Semaphore(self.max_concurrency)
         self._thread_sem = asyncio.Semaphore(self.max_threads)
+        self._deadlines = Deadlines(self._loop)
         await self.store.open(self)
         self._state = "started"
         self._side(self._sweep_loop())
@@ -297,14 +302,15 @@ class Runtime:
                 await asyncio.wait(tuple(self._side_tasks), timeout=5.0)
         finally:
             self._watchdog.close()
+            if self._deadlines is not None:
+                self._deadlines.close()
             if self._process_pool is not None:
                 await self._process_pool.aclose()
             await self.store.close(self)
             self._state = "closed"
 
     async def _wait_idle(self, timeout: float | None) -> bool:
-        assert self._idle is not None
-        if self._idle.is_set() and not self._side_busy():
+        if not self._unfinished and not self._foreign and not self._side_busy():
             return True
         try:
             await asyncio.wait_for(self._until_idle(), timeout)
@@ -316,15 +322,17 @@ class Runtime:
         return any(getattr(t, "_bgtasks_hook", False) for t in self._side_tasks)
 
     async def _until_idle(self) -> None:
-        assert self._idle is not None
+        loop = asyncio.get_running_loop()
         while True:
-            await self._idle.wait()
-            hooks = [t for t in self._side_tasks if getattr(t, "_bgtasks_hook", False)]
-            if hooks:
-                await asyncio.wait(hooks)
+            if self._unfinished or self._foreign:
+                fut: asyncio.Future[None] = loop.create_future()
+                self._idle_waiters.append(fut)
+                await fut
                 continue
-            if self._idle.is_set():
+            hooks = [t for t in self._side_tasks if getattr(t, "_bgtasks_hook", False)]
+            if not hooks:
                 return
+            await asyncio.wait(hooks)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending or running (and hooks are done).
@@ -404,8 +412,12 @@ class Runtime:
                 )
                 raise TypeError(msg)
             if limits is None:
+                # The hot path, kept flat: admit, then one create_task.
                 t = self._admit(name or aw.__qualname__, aw)
-                self._launch(t)
+                if _get_ident() == self._loop_thread_id:
+                    t._task = self._loop.create_task(self._run(t))  # type: ignore[union-attr]
+                else:
+                    self._launch(t)
                 return t
             spec = Spec("coro", aw, limits=self._task_limits(limits, inline=True))
         elif callable(aw):
@@ -435,7 +447,7 @@ class Runtime:
         if limits is not None and not isinstance(limits, Limits):
             msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
             raise TypeError(msg)
-        merged = self.limits.merged(limits)
+        merged = self.limits if limits is None else self.limits.merged(limits)
         if inline and merged.memory is not None:
             msg = (
                 "Limits(memory=...) cannot bound a task that runs in this process; run it "
@@ -445,7 +457,7 @@ class Runtime:
             raise ValueError(msg)
         return merged
 
-    def _admit(self, name: str, work: Any) -> TaskHandle:
+    def _admit(self, name: str, work: Any, task_id: str | None = None) -> TaskHandle:
         if self._state != "started":
             if type(work) is _CoroutineType:
                 work.close()
@@ -457,14 +469,24 @@ class Runtime:
                 raise RuntimeNotActive(msg)
             msg = "the runtime is shutting down and accepts no new work; retry on another worker."
             raise RegistryFull(msg, retry_after=1.0)
-        with self._lock:
-            if self.max_pending is not None and self._unfinished >= self.max_pending:
-                full = True
+        max_pending = self.max_pending
+        if _get_ident() == self._loop_thread_id:
+            if max_pending is not None and self._unfinished + self._foreign >= max_pending:
+                full: bool | None = True
             elif self._memory_high:
                 full = None
             else:
                 full = False
                 self._unfinished += 1
+        else:
+            with self._lock:
+                if max_pending is not None and self._unfinished + self._foreign >= max_pending:
+                    full = True
+                elif self._memory_high:
+                    full = None
+                else:
+                    full = False
+                    self._foreign += 1
         if full is not False:
             if type(work) is _CoroutineType:
                 work.close()
@@ -479,12 +501,31 @@ class Runtime:
                     "new work is refused until it falls."
                 )
             raise RegistryFull(msg, retry_after=1.0)
-        t = TaskHandle(self, new_id(), name)
+        t = TaskHandle(self, task_id or new_id(), name)
         t._work = work
         self._registry[t._id] = t
-        if self._idle is not None:
-            self._idle.clear()  # an asyncio.Event is cheap to clear from any thread
         return t
+
+    def _retract(self, t: TaskHandle) -> None:
+        """Undo ``_admit`` of a task never launched (its journal write failed, or
+        its idempotency key was taken). Call it on the thread that admitted it."""
+        self._registry.pop(t._id, None)
+        if _get_ident() == self._loop_thread_id:
+            self._unfinished -= 1
+            self._wake_if_idle()
+            return
+        with self._lock:
+            self._foreign -= 1
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(self._wake_if_idle)
+
+    def _wake_if_idle(self) -> None:
+        if not self._unfinished and not self._foreign and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _launch(self, t: TaskHandle) -> None:
         loop = self._loop
@@ -497,8 +538,9 @@ class Runtime:
             loop.call_soon_threadsafe(self._spawn, t, context=ctx)
 
     def _spawn(self, t: TaskHandle) -> None:
-        if self._idle is not None:
-            self._idle.clear()
+        self._unfinished += 1
+        with self._lock:
+            self._foreign -= 1
         t._task = asyncio.get_running_loop().create_task(self._run(t))
         if t._status == "cancelled":  # cancelled before it was spawned
             t._task.cancel()
@@ -506,13 +548,16 @@ class Runtime:
     # ------------------------------------------------------------------ running
     async def _run(self, t: TaskHandle) -> None:
         _context.current_task_var.set(t)
-        _context.responder.set(None)
+        if _context.responder.get() is not None:
+            _context.responder.set(None)
         work = t._work
+        if self._persist:  # a shared store: other processes read this record
+            self.store.save(t)
         try:
             if self._sem is not None:
                 async with self._sem:
                     await self._run_attempts(t, work)
-            elif type(work) is _CoroutineType:
+            elif type(work) is _CoroutineType and not self._persist:
                 # The hot path: one coroutine, no limits, no retries.
                 t._status = "running"
                 t._attempts = 1
@@ -570,28 +615,22 @@ class Runtime:
         limits = spec.limits
         loop = self._loop
         assert loop is not None
-        timers: list[asyncio.TimerHandle] = []
+        # One deadline at a time: the 90% warning, which then sets the limit.
+        timer: list[list[Any]] = []
         slot: Slot | None = None
         if limits.wall_clock is not None:
-            wall = limits.wall_clock
-            timers.append(loop.call_later(0.9 * wall, self._warn, t, "wall_clock"))
-            timers.append(
-                loop.call_later(
-                    wall,
-                    self.stop,
-                    t._id,
-                    WallClockLimitExceeded(
-                        f"task {t._name!r} ran past its wall-clock limit of {wall:g}s"
-                    ),
-                )
+            assert self._deadlines is not None
+            timer.append(
+                self._deadlines.add(0.9 * limits.wall_clock, self._wall_warn, t, limits, timer)
             )
         if limits.cpu_time is not None and spec.kind != "process":
             slot = Slot(
+                self._watchdog,
                 limits.cpu_time,
                 on_warn=functools.partial(self._warn_threadsafe, t, "cpu"),
             )
             _ctl(t).slot = slot
-            self._watchdog.watch(slot)
+            self._watchdog.watch()
         try:
             if spec.kind == "coro":
                 work = spec.fn
@@ -600,7 +639,7 @@ class Runtime:
                 coro = spec.fn(*spec.args, **spec.kwargs)
                 return await (Metered(coro, slot) if slot is not None else coro)
             if spec.kind == "sync":
-                return await self._in_thread(t, spec, slot or Slot(None))
+                return await self._in_thread(t, spec, slot or Slot(self._watchdog, None))
             return await self._in_process(t, spec)
         except Interrupt:
             raise self._stop_error(t, spec) from None
@@ -613,10 +652,10 @@ class Runtime:
                 task.uncancel()
             raise stop from None
         finally:
-            for timer in timers:
-                timer.cancel()
+            if timer:
+                self._deadlines.cancel(timer[0])  # type: ignore[union-attr]
             if slot is not None:
-                self._watchdog.unwatch(slot)
+                self._watchdog.unwatch()
                 if t._x is not None:
                     t._x.slot = None
 
@@ -744,11 +783,12 @@ class Runtime:
             self._finished.append((now, t._id))
         else:
             self._registry.pop(t._id, None)
-        with self._lock:
-            self._unfinished -= 1
-            idle = self._unfinished == 0
-        if idle and self._idle is not None:
-            self._idle.set()
+        self._unfinished -= 1
+        if not self._unfinished and self._idle_waiters and not self._foreign:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
         ctl = t._x
         if ctl is not None:
             callbacks, ctl.callbacks = ctl.callbacks, []
@@ -800,6 +840,15 @@ class Runtime:
         elif t._status == "pending":
             # Admitted from another thread, not spawned yet: _spawn cancels it.
             t._status = "cancelled"
+
+    def _wall_warn(self, t: TaskHandle, limits: Limits, timer: list[list[Any]]) -> None:
+        self._warn(t, "wall_clock")
+        assert self._deadlines is not None and limits.wall_clock is not None
+        wall = limits.wall_clock
+        error = WallClockLimitExceeded(
+            f"task {t._name!r} ran past its wall-clock limit of {wall:g}s"
+        )
+        timer[0] = self._deadlines.add(0.1 * wall, self._stop, t, error)
 
     def _warn(self, t: TaskHandle, reason: UnloadReason) -> None:
         if t._status == "running":

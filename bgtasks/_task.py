@@ -80,7 +80,6 @@ class TaskHandle:
         "__weakref__",
         "_attempts",
         "_created_at",
-        "_done",
         "_error",
         "_finished_at",
         "_id",
@@ -112,7 +111,6 @@ class TaskHandle:
         # Rarely used state (limits, thread, waiters...) lives in a side object
         # created on demand, so the common task stays small.
         self._x: Any = None
-        self._done: list[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<TaskHandle id={self._id!r} name={self._name!r} status={self._status!r}>"

@@ -201,7 +201,7 @@ async def test_ids_are_random_url_safe_128_bits() -> None:
         await rt.drain(5)
     assert len(ids) == 2000
     for task_id in ids:
-        assert len(task_id) == 22  # 22 base64 chars = 132 bits of room, 128 random
+        assert len(task_id) == 24  # 144 random bits, base64
         assert set(task_id) <= set(
             "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
         )

@@ -1,0 +1,176 @@
+"""Cost of ``wait_until`` against ``asyncio.create_task`` + a done-callback.
+
+    python bench/overhead.py            # 10k and 100k tasks, 5 rounds, medians
+    python bench/overhead.py --quick    # smaller, for a smoke run
+
+Each round measures the baseline and bgtasks back to back in the same
+process, so the ratios hold on a noisy machine even when the absolute
+figures do not. Printed: µs per task (submit + run + finish), the ratio,
+memory per pending task, and the cost of limit enforcement on tasks that
+stay within their budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import bgtasks
+from bgtasks import Limits, Runtime
+
+
+async def noop() -> None:
+    pass
+
+
+async def small_work() -> int:
+    # A task that does a little: a few awaits and some arithmetic.
+    total = 0
+    for i in range(3):
+        await asyncio.sleep(0)
+        total += sum(range(50)) + i
+    return total
+
+
+PAYLOAD = {f"key{i}": {"n": i, "tags": ["a", "b", "c"], "ok": True} for i in range(60)}
+
+
+async def typical_work() -> int:
+    # Closer to real background work: each step does ~100 us of Python
+    # (building and encoding a small JSON document) between awaits.
+    size = 0
+    for _ in range(3):
+        await asyncio.sleep(0)
+        size += len(json.dumps(PAYLOAD))
+    return size
+
+
+async def baseline(n: int, make: Callable[[], Coroutine[Any, Any, Any]]) -> float:
+    loop = asyncio.get_running_loop()
+    done = 0
+    finished = loop.create_future()
+    keep: set[asyncio.Task[Any]] = set()
+
+    def on_done(task: asyncio.Task[Any]) -> None:
+        nonlocal done
+        keep.discard(task)
+        done += 1
+        if done == n:
+            finished.set_result(None)
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        task = loop.create_task(make())
+        keep.add(task)
+        task.add_done_callback(on_done)
+    await finished
+    return (time.perf_counter() - t0) / n
+
+
+async def with_bgtasks(
+    n: int, make: Callable[[], Coroutine[Any, Any, Any]], limits: Limits | None
+) -> float:
+    # A fresh runtime per round (default settings but max_pending), so rounds do
+    # not pay for the finished records of earlier ones.
+    async with Runtime(max_pending=None) as rt:
+        t0 = time.perf_counter()
+        wait_until = rt.wait_until
+        if limits is None:
+            for _ in range(n):
+                wait_until(make())
+        else:
+            for _ in range(n):
+                wait_until(make(), limits=limits)
+        await rt.drain()
+        return (time.perf_counter() - t0) / n
+
+
+async def pending_memory(n: int, use_bgtasks: bool) -> float:
+    """Bytes allocated per task while ``n`` tasks wait on one event."""
+    gate = asyncio.Event()
+
+    async def waiter() -> None:
+        await gate.wait()
+
+    rt = Runtime(max_pending=None, retention=0)
+    async with rt:
+        loop = asyncio.get_running_loop()
+        keep: set[asyncio.Task[None]] = set()
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        if use_bgtasks:
+            for _ in range(n):
+                rt.wait_until(waiter())
+        else:
+            for _ in range(n):
+                task = loop.create_task(waiter())
+                keep.add(task)
+                task.add_done_callback(keep.discard)
+        await asyncio.sleep(0)  # let every task start and park on the event
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        gate.set()
+        await rt.drain()
+        await asyncio.sleep(0)
+    return (after - before) / n
+
+
+async def main(sizes: list[int], rounds: int) -> None:
+    print(f"python {sys.version.split()[0]}, bgtasks {bgtasks.__version__}, rounds={rounds}")
+    if True:
+        for n in sizes:
+            base, ours = [], []
+            for _ in range(rounds):
+                gc.collect()
+                base.append(await baseline(n, noop))
+                gc.collect()
+                ours.append(await with_bgtasks(n, noop, None))
+            b, o = statistics.median(base), statistics.median(ours)
+            print(
+                f"n={n:>7}: create_task+callback {b * 1e6:6.2f} us/task   "
+                f"wait_until {o * 1e6:6.2f} us/task   ratio {o / b:.2f}x"
+            )
+
+        n = sizes[0]
+        budget = Limits(wall_clock=60, cpu_time=60)
+        for label, work in (("tiny steps (~5 us)", small_work), ("typical steps", typical_work)):
+            plain, limited = [], []
+            for _ in range(rounds):
+                gc.collect()
+                plain.append(await with_bgtasks(n, work, None))
+                gc.collect()
+                limited.append(await with_bgtasks(n, work, budget))
+            p, lim = statistics.median(plain), statistics.median(limited)
+            print(
+                f"limits, {label}, n={n}: none {p * 1e6:6.2f} us/task   "
+                f"wall_clock+cpu_time {lim * 1e6:6.2f} us/task   "
+                f"overhead {100 * (lim / p - 1):+.1f}% ({(lim - p) * 1e6 / 4:.2f} us per step)"
+            )
+
+    big = sizes[-1]
+    base_mem = await pending_memory(big, use_bgtasks=False)
+    our_mem = await pending_memory(big, use_bgtasks=True)
+    print(
+        f"memory, {big} pending tasks: create_task {base_mem:.0f} B/task   "
+        f"wait_until {our_mem:.0f} B/task   (+{our_mem - base_mem:.0f} B for bgtasks)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1k and 10k tasks, 3 rounds")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if args.quick:
+        asyncio.run(main([1_000, 10_000], 3))
+    else:
+        asyncio.run(main([10_000, 100_000], args.rounds))

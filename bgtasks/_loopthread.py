@@ -1,0 +1,268 @@
+"""The event-loop thread that hosts a Runtime inside a WSGI worker process.
+
+A WSGI server has no event loop and no lifespan, so each worker process gets
+a daemon thread running ``asyncio.run``: it starts the runtime, waits for a
+stop signal, then shuts the runtime down gracefully (``beforeunload``, up to
+``shutdown_grace``, cancel the rest).
+
+Start: lazily, on the first request a process serves. The thread is tied to
+the pid that started it, so a fork (``gunicorn --preload``, a pre-fork server)
+makes the child start its own on its first request.
+
+Stop: on every ordinary exit of the process, from a hook registered with
+``threading._register_atexit``. Python runs those hooks when the main thread
+finishes (``sys.exit``, ``KeyboardInterrupt``, the end of the script), before
+it joins non-daemon threads and before ``atexit``. Gunicorn workers leave with
+``sys.exit`` on every path (SIGTERM, SIGQUIT/SIGINT, ``max_requests``, a
+reload), and so do Flask's and Werkzeug's development servers, so the drain
+runs without installing a signal handler of our own. Running before
+``concurrent.futures``' own hook (registered earlier, so run later) keeps
+``run_in_executor`` usable while tasks drain. ``os._exit`` and SIGKILL skip
+every hook: nothing can drain then (a durable store replays the work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
+import contextlib
+import logging
+import os
+import sys
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from . import _context
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["LoopThread", "host_for", "server_graceful_timeout"]
+
+logger = logging.getLogger("bgtasks")
+
+#: Seconds kept between the end of the drain and the server's kill: cancelling,
+#: unwinding threads and leaving the interpreter.
+EXIT_MARGIN = 3.0
+_START_TIMEOUT = 30.0
+
+_hosts: weakref.WeakKeyDictionary[Runtime, LoopThread] = weakref.WeakKeyDictionary()
+_hosts_lock = threading.Lock()
+_all_hosts: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+
+def host_for(runtime: Runtime) -> LoopThread:
+    """The one loop thread host of ``runtime`` (adapters that share it share this)."""
+    with _hosts_lock:
+        host = _hosts.get(runtime)
+        if host is None:
+            host = _hosts[runtime] = LoopThread(runtime)
+        return host
+
+
+class LoopThread:
+    """Runs one Runtime on a daemon event-loop thread in the current process."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        # Weak while idle: an app that is dropped before serving frees its runtime.
+        # The running thread holds it strongly.
+        self._runtime_ref = weakref.ref(runtime)
+        self._lock = threading.Lock()
+        self._pid: int | None = None  # the process whose thread this is
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._started_in: int | None = None  # pid that started the runtime, ever
+        _all_hosts.add(self)
+
+    @property
+    def runtime(self) -> Runtime:
+        rt = self._runtime_ref()
+        if rt is None:  # pragma: no cover - the adapter holds it
+            msg = "the bgtasks Runtime of this loop thread was garbage-collected."
+            raise RuntimeError(msg)
+        return rt
+
+    @property
+    def running(self) -> bool:
+        """True if this process's loop thread is alive."""
+        t = self._thread
+        return self._pid == os.getpid() and t is not None and t.is_alive()
+
+    def ensure_started(self) -> Runtime:
+        """The runtime, started on this process's loop thread (first call starts it)."""
+        if self._pid == os.getpid():  # the hot path: one syscall and a compare
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            return self.runtime
+        with self._lock:
+            if self._pid != os.getpid():
+                self._start()
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        return self.runtime
+
+    def _start(self) -> None:
+        rt = self.runtime
+        pid = os.getpid()
+        self._thread = self._loop = self._stop_event = None
+        self._error = None
+        if self._started_in is not None and self._started_in != pid:
+            self._pid = pid
+            self._error = RuntimeError(
+                f"this bgtasks Runtime was started in process {self._started_in} before "
+                f"process {pid} was forked from it, and a Runtime cannot move across a fork. "
+                "Let the adapter start it in each worker: do not serve requests or call "
+                "wait_until in the parent (e.g. at import time under gunicorn --preload)."
+            )
+            return
+        _clamp_grace(rt)
+        ready = threading.Event()
+        thread = threading.Thread(
+            target=self._run, args=(rt, ready), name="bgtasks-loop", daemon=True
+        )
+        thread.start()
+        if not ready.wait(_START_TIMEOUT):
+            self._error = RuntimeError(
+                f"the bgtasks runtime did not start within {_START_TIMEOUT:g}s; "
+                "check the store (a locked SQLite file?) and the logs."
+            )
+        self._thread = thread
+        self._pid = pid
+        if self._error is None:
+            self._started_in = pid
+            _register_exit_hook(self._at_exit)
+
+    def _run(self, rt: Runtime, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._main(rt, ready))
+        except BaseException as exc:  # never let the thread die silently
+            if self._error is None and not ready.is_set():
+                self._error = exc
+            logger.exception("bgtasks: the event-loop thread stopped with an error")
+        finally:
+            ready.set()
+
+    async def _main(self, rt: Runtime, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        _context.active_runtime.set(rt)
+        try:
+            await rt.start()
+        except BaseException as exc:
+            self._error = exc
+            ready.set()
+            return
+        ready.set()
+        try:
+            await self._stop_event.wait()
+        finally:
+            await rt.shutdown()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Shut the runtime down gracefully and join the thread.
+
+        Callable from any thread but the loop's. Returns False if the thread
+        was still running after ``timeout`` seconds (it is a daemon thread: it
+        does not keep the process alive).
+        """
+        with self._lock:
+            thread, loop, event = self._thread, self._loop, self._stop_event
+            if self._pid != os.getpid() or thread is None:
+                return True
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(event.set)
+        if thread is threading.current_thread():
+            msg = "LoopThread.stop() cannot be called from the loop thread itself."
+            raise RuntimeError(msg)
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _at_exit(self) -> None:
+        """The process is exiting: drain within the grace, then let it go."""
+        if self._pid != os.getpid():  # inherited by a forked child that never started
+            return
+        try:
+            grace = self.runtime.shutdown_grace
+        except RuntimeError:  # pragma: no cover
+            return
+        if not self.stop(grace + EXIT_MARGIN):
+            logger.warning(
+                "bgtasks: the runtime did not finish shutting down within %.1fs; exiting anyway",
+                grace + EXIT_MARGIN,
+            )
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at the moment of the fork stays held forever
+    # in the child: give every host a fresh one.
+    for host in list(_all_hosts):
+        host._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _register_exit_hook(fn: Any) -> None:
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # the interpreter is already shutting down
+            pass
+    import atexit
+
+    atexit.register(fn)
+
+
+def server_graceful_timeout() -> float | None:
+    """Gunicorn's ``graceful_timeout`` when running in a gunicorn worker, else None.
+
+    Gunicorn does not publish its config to the app; the worker object is
+    found on the main thread's stack (its ``run``/``handle_request`` frame).
+    """
+    base = sys.modules.get("gunicorn.workers.base")
+    worker_cls = getattr(base, "Worker", None)
+    if worker_cls is None:
+        return None
+    main = threading.main_thread().ident
+    frame = sys._current_frames().get(main) if main is not None else None
+    try:
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, worker_cls):
+                value = getattr(getattr(obj, "cfg", None), "graceful_timeout", None)
+                return float(value) if isinstance(value, (int, float)) else None
+            frame = frame.f_back
+    except Exception:  # pragma: no cover - introspection is best effort
+        return None
+    finally:
+        del frame
+    return None
+
+
+def fitted_grace(grace: float, graceful_timeout: float | None) -> float:
+    """``grace`` shortened, if need be, so the drain ends before the server kills."""
+    if graceful_timeout is None:
+        return grace
+    return min(grace, max(0.0, graceful_timeout - EXIT_MARGIN))
+
+
+def _clamp_grace(rt: Runtime) -> None:
+    limit = server_graceful_timeout()
+    fitted = fitted_grace(rt.shutdown_grace, limit)
+    if fitted < rt.shutdown_grace:
+        logger.warning(
+            "bgtasks: shutdown_grace=%gs does not fit in gunicorn's graceful_timeout=%gs; "
+            "this worker will drain for %gs so it exits before gunicorn kills it. Raise "
+            "--graceful-timeout or lower shutdown_grace (BGTASKS_SHUTDOWN_GRACE).",
+            rt.shutdown_grace,
+            limit,
+            fitted,
+        )
+        rt.shutdown_grace = fitted

@@ -1,0 +1,338 @@
+"""The child side of ``isolation="process"``: the loop each worker process runs.
+
+A worker serves one request at a time from its parent (``_process.ProcessPool``)
+over a socket. Frames are an 8-byte big-endian length and a pickle. Requests::
+
+    ("run", task_id, name, attempt, cpu_time, memory, payload)
+
+where ``payload`` pickles ``(ref, fn, args, kwargs)``. The worker answers with
+any number of ``("progress", done, total, message)`` and then exactly one of::
+
+    ("ok", result_pickle)
+    ("err", exception_pickle_or_None, type_name, message, traceback_text, reason)
+    ("memory", traceback_text)              MemoryError under a memory limit
+    ("load", type_name, message, traceback_text)   the request could not be unpickled
+    ("bad_result", type_name, reason)       the result cannot be pickled
+
+Limits are per task and relative to what the worker had used before it:
+
+- CPU: ``ITIMER_PROF`` counts the process's CPU time and, with ``SIGPROF`` left
+  at its default action, terminates the process the moment the budget is spent,
+  even in the middle of one long C call. ``RLIMIT_CPU`` (soft limit only, whole
+  seconds, ``SIGXCPU``) backs it up should the task re-arm the timer itself.
+- Memory: a soft ``RLIMIT_AS`` at the current address space plus the budget, so
+  an allocation past it raises ``MemoryError``. The worker then answers and exits:
+  a process that ran out of memory may be in a bad state.
+
+This module imports only the standard library; ``resource`` and the itimers
+exist on Unix only and are touched in the worker alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import math
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["HEADER", "PROTOCOL", "frame", "main"]
+
+HEADER = struct.Struct("!Q")
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the parent is alive
+
+
+def frame(message: tuple[Any, ...]) -> bytes:
+    """One message as it goes on the wire."""
+    body = pickle.dumps(message, PROTOCOL)
+    return HEADER.pack(len(body)) + body
+
+
+def resolve(module: str, qualname: str, depth: int) -> Callable[..., Any]:
+    """Import ``module.qualname`` and unwrap it ``depth`` times (``__wrapped__``).
+
+    The parent sends a function by name rather than by pickle because a function
+    decorated with ``@background`` is not what its module attribute holds: that
+    is the wrapper, and the original sits ``depth`` steps down its ``__wrapped__``
+    chain.
+    """
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    for _ in range(depth):
+        obj = obj.__wrapped__
+    if not callable(obj):
+        msg = f"{module}.{qualname} is not callable in the worker process."
+        raise TypeError(msg)
+    return obj  # type: ignore[no-any-return]
+
+
+class _Channel:
+    """The worker's blocking end of the socket; sends may come from any thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def recv(self) -> tuple[Any, ...] | None:
+        """The next request, or None once the parent has closed its end."""
+        header = self._read(HEADER.size)
+        if header is None:
+            return None
+        (size,) = HEADER.unpack(header)
+        body = self._read(size)
+        if body is None:
+            return None
+        message: tuple[Any, ...] = pickle.loads(body)
+        return message
+
+    def _read(self, size: int) -> bytes | None:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            try:
+                n = self._sock.recv_into(view[got:])
+            except OSError:
+                return None
+            if n == 0:
+                return None
+            got += n
+        return bytes(buf)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        data = frame(message)
+        with self._lock:
+            self._sock.sendall(data)
+
+
+class _TaskState:
+    """What the worker is running now, for progress and ``worker_task()``."""
+
+    def __init__(self, channel: _Channel, pool_side: Any) -> None:
+        self._channel = channel
+        self._pool_side = pool_side
+        self.running = False
+
+    def begin(self, task_id: str, name: str, attempt: int) -> None:
+        self._pool_side._worker_task = self._pool_side.WorkerTask(
+            id=task_id, name=name, attempt=attempt
+        )
+        self.running = True
+
+    def end(self) -> None:
+        self.running = False
+        self._pool_side._worker_task = None
+
+    def progress(self, done: float, total: float | None, message: str | None) -> None:
+        # A thread the task left behind may report after the task ended: drop
+        # that, so it is not taken for the progress of the next task.
+        if not self.running:
+            return
+        self._channel.send(
+            (
+                "progress",
+                float(done),
+                None if total is None else float(total),
+                None if message is None else str(message),
+            )
+        )
+
+
+class _Budget:
+    """Per-task CPU and address-space limits, relative to what is used now."""
+
+    def __init__(self, cpu_time: float | None, memory: int | None) -> None:
+        self.cpu_time = cpu_time
+        self.memory = memory
+        self._saved: list[tuple[int, tuple[int, int]]] = []
+        self._timer = False
+
+    def apply(self) -> None:
+        import resource
+
+        if self.cpu_time is not None:
+            used = time.process_time()
+            # The kernel checks RLIMIT_CPU in whole seconds: round up so it never
+            # fires before the budget; the itimer is the precise limit.
+            self._lower(resource.RLIMIT_CPU, math.ceil(used + self.cpu_time))
+            signal.setitimer(signal.ITIMER_PROF, self.cpu_time)
+            self._timer = True
+        if self.memory is not None:
+            self._lower(resource.RLIMIT_AS, _address_space() + self.memory)
+
+    def _lower(self, which: int, soft: int) -> None:
+        import resource
+
+        old_soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        # Only the soft limit moves: the hard one stays, so it can be raised again.
+        resource.setrlimit(which, (soft, hard))
+        self._saved.append((which, (old_soft, hard)))
+
+    def restore(self) -> None:
+        """Lift the limits again; safe to call more than once."""
+        if self._timer:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            self._timer = False
+        if self._saved:
+            import resource
+
+            while self._saved:
+                which, limits = self._saved.pop()
+                resource.setrlimit(which, limits)
+
+
+def _address_space() -> int:
+    """The worker's current virtual memory size in bytes."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[0])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return int(psutil.Process().memory_info().vms)
+
+
+def _caused_by_memory_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, MemoryError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _type_name_of(value: object) -> str:
+    cls = value if isinstance(value, type) else type(value)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _error_reply(exc: BaseException) -> tuple[Any, ...]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    data: bytes | None = None
+    # Only an Exception goes back as itself: SystemExit or KeyboardInterrupt
+    # raised in the parent's event loop would take the parent down.
+    if isinstance(exc, Exception):
+        try:
+            data = pickle.dumps(exc, PROTOCOL)
+        except Exception as err:
+            reason = (
+                f"it could not be pickled ({type(err).__name__}: {err}); keep only "
+                "picklable values on the exception to get the original type back"
+            )
+        else:
+            reason = ""
+    else:
+        reason = "it is not an Exception (only Exceptions are sent back as themselves)"
+    return ("err", data, _type_name_of(exc), str(exc), tb, reason)
+
+
+async def _await(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+def _run_one(request: tuple[Any, ...], state: _TaskState) -> tuple[tuple[Any, ...], bool]:
+    """Run one request; return the reply and whether the worker should exit."""
+    _, task_id, name, attempt, cpu_time, memory, payload = request
+    try:
+        ref, fn, args, kwargs = pickle.loads(payload)
+        if ref is not None:
+            fn = resolve(*ref)
+    except BaseException as exc:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return ("load", _type_name_of(exc), str(exc), tb), False
+
+    budget = _Budget(cpu_time, memory)
+    state.begin(task_id, name, attempt)
+    try:
+        budget.apply()
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+    except BaseException as exc:
+        # Lift the limits before anything else allocates.
+        budget.restore()
+        if memory is not None and _caused_by_memory_error(exc):
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            return ("memory", tb), True
+        return _error_reply(exc), False
+    finally:
+        budget.restore()
+        state.end()
+    try:
+        data = pickle.dumps(result, PROTOCOL)
+    except Exception as exc:
+        return ("bad_result", _type_name_of(result), f"{type(exc).__name__}: {exc}"), False
+    return ("ok", data), False
+
+
+def _watch_parent(fd: int) -> None:
+    """Exit when the parent dies, even while a task runs.
+
+    The parent never writes during a task, so the socket only reports hang-up
+    (its end closed: the parent exited or retired us). A changed parent pid
+    covers a parent whose socket end lives on in a process it forked.
+    """
+    ppid = os.getppid()
+    poller = select.poll()
+    poller.register(fd, 0)  # 0: only POLLHUP, POLLERR and POLLNVAL are reported
+
+    def watch() -> None:
+        while True:
+            events = poller.poll(_PARENT_CHECK_INTERVAL * 1000)
+            if events or os.getppid() != ppid:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(0)
+
+    threading.Thread(target=watch, name="bgtasks-parent-watch", daemon=True).start()
+
+
+def main(sock: socket.socket) -> None:
+    """Serve requests on ``sock`` until the parent closes it (the process target)."""
+    from . import _process as pool_side
+
+    # Ctrl-C reaches the whole process group; the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The CPU limit relies on these default actions (terminate the process).
+    for name in ("SIGPROF", "SIGXCPU"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+    channel = _Channel(sock)
+    state = _TaskState(channel, pool_side)
+    _watch_parent(sock.fileno())
+    pool_side._in_worker = True
+    pool_side.child_progress_sink = state.progress
+    try:
+        while (request := channel.recv()) is not None:
+            reply, leave = _run_one(request, state)
+            channel.send(reply)
+            if leave:
+                break
+    except OSError:
+        pass  # the parent went away mid-reply: nobody is left to answer
+    finally:
+        pool_side.child_progress_sink = None

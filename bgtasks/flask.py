@@ -1,0 +1,336 @@
+"""Flask extension: ``BgTasks(app)`` or ``BgTasks()`` + ``init_app(app)``.
+
+::
+
+    from flask import Flask
+    import bgtasks
+    from bgtasks.flask import BgTasks
+
+    app = Flask(__name__)
+    BgTasks(app)
+
+    @app.post("/reports")
+    @bgtasks.background
+    def build_report():               # answers 202 at once; runs in the background
+        spec = request.get_json()     # the request, g, current_app, url_for all work
+        ...
+
+``init_app`` wraps ``app.wsgi_app`` in ``bgtasks.wsgi.BackgroundMiddleware``
+(runtime per worker process, active runtime in every request), registers the
+status routes as the Flask view ``bgtasks.task_status`` (so your
+``before_request``/``after_request`` hooks, CORS and error handlers apply to
+them) and a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``.
+
+Work scheduled during a request (a ``@background`` view, a ``@background``
+function called from a view, ``bgtasks.wait_until(fn, ...)`` or
+``bgtasks.wait_until(coro)``) runs inside a fresh app and request context
+rebuilt from the request: its body (read before the response is sent), its
+headers and URL, a shallow copy of ``g``; ``teardown_request`` and
+``teardown_appcontext`` run when the task ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import io
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+try:
+    import flask
+    from flask import current_app, g, has_request_context, request
+    from werkzeug.datastructures import FileStorage, ImmutableMultiDict
+    from werkzeug.wrappers import Response as WerkzeugResponse
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    msg = "bgtasks.flask needs Flask: pip install 'bgtasks[flask]'."
+    raise ImportError(msg) from exc
+
+from . import _http
+from ._errors import RegistryFull
+from ._runtime import Runtime, is_async_callable
+from .wsgi import BackgroundMiddleware, call_authorize
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
+
+    from ._task import TaskHandle, TaskRecord
+
+__all__ = ["BgTasks", "FlaskAuthorize"]
+
+#: ``authorize(request, record, action) -> bool``, sync; ``request`` is
+#: ``flask.request`` and the whole request context is active.
+FlaskAuthorize = Callable[[Any, "TaskRecord", _http.Action], bool]
+
+EXTENSION_KEY = "bgtasks"
+STATUS_ENDPOINT = "bgtasks.task_status"
+
+# Config keys read by init_app when no runtime is passed, and the Runtime
+# argument each one sets.
+_CONFIG = {
+    "BGTASKS_SHUTDOWN_GRACE": "shutdown_grace",
+    "BGTASKS_MAX_PENDING": "max_pending",
+    "BGTASKS_MAX_CONCURRENCY": "max_concurrency",
+    "BGTASKS_MEMORY_LIMIT": "memory_limit",
+    "BGTASKS_STORE": "store",
+    "BGTASKS_LIMITS": "limits",
+}
+# Environ keys not carried into a task's rebuilt request.
+_DROP = frozenset(
+    {"wsgi.input", "wsgi.input_terminated", "werkzeug.request", "HTTP_TRANSFER_ENCODING"}
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BgTasksState:
+    """What ``init_app`` stores in ``app.extensions["bgtasks"]``."""
+
+    runtime: Runtime
+    middleware: BackgroundMiddleware
+    routes: _http.StatusRoutes
+
+
+class BgTasks:
+    """The bgtasks Flask extension.
+
+    ``runtime``: the Runtime to use for every app initialised with this
+    extension; by default each app gets its own, built from its config
+    (``BGTASKS_SHUTDOWN_GRACE``, ``BGTASKS_MAX_PENDING``,
+    ``BGTASKS_MAX_CONCURRENCY``, ``BGTASKS_MEMORY_LIMIT``, ``BGTASKS_STORE``,
+    ``BGTASKS_LIMITS``). ``status_prefix`` (or ``BGTASKS_STATUS_PREFIX``): the
+    URL prefix of the status routes. ``authorize(request, record, action)``, a
+    sync callable run in the status request's context, may refuse a read or a
+    cancel (the client gets 404). ``include_result``: whether the status JSON
+    carries results.
+    """
+
+    def __init__(
+        self,
+        app: flask.Flask | None = None,
+        *,
+        runtime: Runtime | None = None,
+        status_prefix: str | None = None,
+        authorize: FlaskAuthorize | None = None,
+        include_result: bool = True,
+    ) -> None:
+        self._runtime = runtime
+        self._status_prefix = status_prefix
+        self._authorize = authorize
+        self._include_result = include_result
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: flask.Flask) -> None:
+        """Install bgtasks in ``app`` (once per app)."""
+        if EXTENSION_KEY in app.extensions:
+            msg = f"bgtasks is already installed in the Flask app {app.name!r}; call init_app once."
+            raise RuntimeError(msg)
+        runtime = self._runtime if self._runtime is not None else _runtime_from_config(app.config)
+        prefix = self._status_prefix or app.config.get(
+            "BGTASKS_STATUS_PREFIX", _http.DEFAULT_PREFIX
+        )
+        routes = _http.StatusRoutes(
+            prefix=prefix, authorize=self._authorize, include_result=self._include_result
+        )
+        middleware = _FlaskMiddleware(app.wsgi_app, runtime=runtime, routes=routes)
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes)
+        app.add_url_rule(
+            f"{prefix}/<task_id>",
+            endpoint=STATUS_ENDPOINT,
+            view_func=_task_status,
+            methods=["GET", "DELETE"],
+        )
+        handlers = app.error_handler_spec.setdefault(None, {}).setdefault(None, {})
+        if RegistryFull not in handlers:  # leave a handler the app registered itself
+            app.register_error_handler(RegistryFull, _overloaded)
+
+    def runtime_for(self, app: flask.Flask | None = None) -> Runtime:
+        """The Runtime of ``app`` (default: ``current_app``)."""
+        return _state(app).runtime
+
+    def stop(self, app: flask.Flask | None = None, timeout: float | None = None) -> bool:
+        """Drain and stop ``app``'s runtime in this process now.
+
+        The process exit does this by itself; use it in tests or your own
+        shutdown code. Returns False if it was still shutting down after
+        ``timeout`` seconds.
+        """
+        return _state(app).middleware.stop(timeout)
+
+
+def _state(app: flask.Flask | None) -> BgTasksState:
+    app = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        msg = f"bgtasks is not installed in the Flask app {app.name!r}; call BgTasks(app) first."
+        raise RuntimeError(msg)
+    assert isinstance(state, BgTasksState)
+    return state
+
+
+def _runtime_from_config(config: flask.Config) -> Runtime:
+    options = {arg: config[key] for key, arg in _CONFIG.items() if key in config}
+    return Runtime(**options)
+
+
+# --------------------------------------------------------------------------- requests
+class _FlaskMiddleware(BackgroundMiddleware):
+    """The WSGI middleware without its own status routes: Flask serves them."""
+
+    def __init__(
+        self, app: WSGIApplication, *, runtime: Runtime, routes: _http.StatusRoutes
+    ) -> None:
+        super().__init__(app, runtime=runtime, status_prefix=None)
+        self._flask_routes = routes
+
+    def _responder(self, environ: WSGIEnvironment) -> _FlaskResponder:
+        return _FlaskResponder(environ.get("HTTP_IDEMPOTENCY_KEY"), self._flask_routes)
+
+
+class _FlaskResponder:
+    """The Responder of one Flask request (see ``bgtasks._context.Responder``)."""
+
+    __slots__ = ("idempotency_key", "routes")
+
+    def __init__(self, idempotency_key: str | None, routes: _http.StatusRoutes) -> None:
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
+            idempotency_key = None
+        self.idempotency_key = idempotency_key
+        self.routes = routes
+
+    def is_endpoint(self, fn: Any) -> bool:
+        if not has_request_context():
+            return False
+        view = current_app.view_functions.get(request.endpoint)  # type: ignore[arg-type]
+        # Decorators above @background (login_required, ...) wrap it with functools.wraps.
+        for _ in range(16):
+            if view is fn:
+                return True
+            view = getattr(view, "__wrapped__", None)
+            if view is None:
+                return False
+        return False
+
+    def accepted(self, handle: TaskHandle) -> flask.Response:
+        status_url = request.script_root + self.routes.url_path(handle.id)
+        return _response(_http.accepted(handle, status_url))
+
+    def wrap(self, work: Any) -> Any:
+        """Carry this request's app and request context into ``work``."""
+        if not has_request_context():
+            return work
+        if inspect.iscoroutine(work):
+            carry = _Carry(endpoint=False)
+            coro: Any = _await_in_context(carry, work)
+            coro.__qualname__ = work.__qualname__
+            return coro
+        if not callable(work):
+            return work
+        carry = _Carry(endpoint=self.is_endpoint(work))
+        if is_async_callable(work):
+
+            @functools.wraps(work)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                with carry.pushed():
+                    return carry.result(await work(*args, **kwargs))
+
+            return run_async
+
+        @functools.wraps(work)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with carry.pushed():
+                return carry.result(work(*args, **kwargs))
+
+        return run
+
+
+async def _await_in_context(carry: _Carry, coro: Any) -> Any:
+    with carry.pushed():
+        return await coro
+
+
+class _Carry:
+    """What a task needs to rebuild its request's context, taken in the request."""
+
+    __slots__ = ("app", "body", "endpoint", "environ", "files", "form", "g")
+
+    def __init__(self, *, endpoint: bool) -> None:
+        app: flask.Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        self.app = app
+        self.endpoint = endpoint
+        # Read the body now: once the response is sent the server may discard it.
+        self.body: bytes = req.get_data(cache=True)
+        self.environ = {k: v for k, v in req.environ.items() if k not in _DROP}
+        self.environ["CONTENT_LENGTH"] = str(len(self.body))
+        self.form: ImmutableMultiDict[str, str] | None = None
+        self.files: ImmutableMultiDict[str, FileStorage] | None = None
+        if "form" in req.__dict__:
+            # Parsed already (by a before_request hook, say): the stream is spent,
+            # so carry the parsed form, with uploads copied out of their temp files
+            # (the request closes those when it ends).
+            self.form = req.form
+            self.files = ImmutableMultiDict(
+                [(k, _copy_file(f)) for k, f in req.files.items(multi=True)]
+            )
+        self.g = dict(vars(g._get_current_object()))
+
+    @contextlib.contextmanager
+    def pushed(self) -> Iterator[None]:
+        app = self.app
+        environ = dict(self.environ)
+        environ["wsgi.input"] = io.BytesIO(self.body)  # fresh for every attempt
+        # A fresh app context: the request's own has been torn down (or will be).
+        with app.app_context() as app_ctx:
+            vars(app_ctx.g).update(self.g)
+            ctx = app.request_context(environ)
+            if self.form is not None and self.files is not None:
+                ctx.request.form = self.form
+                ctx.request.files = self.files
+            with ctx:
+                yield
+
+    def result(self, rv: Any) -> Any:
+        """A view's return value as a task result: a response becomes its JSON or text."""
+        if not self.endpoint or not isinstance(rv, (WerkzeugResponse, tuple)):
+            return rv
+        response = self.app.make_response(rv)
+        if response.is_json:
+            return response.get_json(silent=True)
+        return response.get_data(as_text=True)
+
+
+def _copy_file(f: FileStorage) -> FileStorage:
+    stream = f.stream
+    pos = stream.tell() if stream.seekable() else None
+    if pos is not None:
+        stream.seek(0)
+    data = stream.read()
+    if pos is not None:
+        stream.seek(pos)
+    return FileStorage(io.BytesIO(data), filename=f.filename, name=f.name, headers=f.headers.copy())
+
+
+# --------------------------------------------------------------------------- responses
+def _response(reply: _http.Reply) -> flask.Response:
+    return flask.Response(reply.body, status=reply.status, headers=reply.headers)
+
+
+def _overloaded(exc: RegistryFull) -> flask.Response:
+    return _response(_http.overloaded(exc))
+
+
+def _task_status(task_id: str) -> flask.Response:
+    state = _state(None)
+    routes = state.routes
+    rt = state.runtime
+    found = routes.lookup(rt, request.method, task_id)
+    if isinstance(found, _http.Reply):
+        return _response(found)
+    allowed = True
+    if routes.authorize is not None:
+        allowed = call_authorize(routes.authorize, request, found, routes.action(request.method))
+    return _response(routes.act(rt, request.method, found, allowed))

@@ -1,0 +1,158 @@
+"""WSGI middleware: a runtime per worker process, the active runtime in every
+request, the status routes, and ``503`` + ``Retry-After`` on ``RegistryFull``.
+
+::
+
+    from bgtasks.wsgi import BackgroundMiddleware
+
+    application = BackgroundMiddleware(application)
+
+WSGI has no lifespan: the runtime runs on its own event-loop thread in each
+worker process, started on the first request the process serves (so it
+starts after a fork) and drained when the process exits (see
+``bgtasks._loopthread``). In a request, ``bgtasks.wait_until`` and
+``@background`` functions schedule on it and return a ``TaskHandle``; a plain
+WSGI app answers with ``accepted(handle, environ, start_response)`` when it
+wants the standard 202. (Flask apps use ``bgtasks.flask.BgTasks``, which also
+makes a ``@background`` view answer 202 by itself.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import _context, _http
+from ._errors import RegistryFull
+from ._loopthread import host_for
+from ._runtime import Runtime
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from ._task import TaskHandle, TaskRecord
+
+__all__ = ["DEFAULT_PREFIX", "BackgroundMiddleware", "accepted"]
+
+DEFAULT_PREFIX = _http.DEFAULT_PREFIX
+#: ``authorize(environ, record, action) -> bool``, sync: may this request read
+#: (``"read"``) or cancel (``"cancel"``) this task?
+WSGIAuthorize = Callable[[Any, "TaskRecord", _http.Action], bool]
+
+_PREFIX_KEY = "bgtasks.status_prefix"
+
+
+class BackgroundMiddleware:
+    """Run a bgtasks runtime for a WSGI app.
+
+    ``runtime``: the Runtime to host (default: a new ``Runtime()``).
+    ``status_prefix``: where ``GET``/``DELETE <prefix>/<id>`` are served, or
+    None to serve no status routes. ``authorize(environ, record, action)``, a
+    sync callable, may refuse a read or a cancel (the client then gets 404);
+    by default anyone who knows a task's id may read and cancel it.
+    ``include_result``: whether the status JSON carries the task's result.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        runtime: Runtime | None = None,
+        status_prefix: str | None = DEFAULT_PREFIX,
+        authorize: WSGIAuthorize | None = None,
+        include_result: bool = True,
+    ) -> None:
+        self.app = app
+        self.runtime = runtime if runtime is not None else Runtime()
+        self.routes = (
+            None
+            if status_prefix is None
+            else _http.StatusRoutes(
+                prefix=status_prefix, authorize=authorize, include_result=include_result
+            )
+        )
+        self._host = host_for(self.runtime)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        rt = self._host.ensure_started()
+        routes = self.routes
+        if routes is not None:
+            task_id = routes.match(environ.get("PATH_INFO", ""))
+            if task_id is not None:
+                return self._status(rt, routes, task_id, environ, start_response)
+            environ[_PREFIX_KEY] = routes.prefix
+        rt_token = _context.active_runtime.set(rt)
+        responder_token = _context.responder.set(self._responder(environ))
+        try:
+            return self.app(environ, start_response)
+        except RegistryFull as exc:
+            return _send(_http.overloaded(exc), start_response, sys.exc_info())
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
+
+    def _responder(self, environ: WSGIEnvironment) -> _context.Responder | None:
+        """The request's responder; plain WSGI has none (no endpoint to answer for)."""
+        return None
+
+    def _status(
+        self,
+        rt: Runtime,
+        routes: _http.StatusRoutes,
+        task_id: str,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        found = routes.lookup(rt, method, task_id)
+        if isinstance(found, _http.Reply):
+            reply = found
+        else:
+            allowed = True
+            if routes.authorize is not None:
+                allowed = call_authorize(routes.authorize, environ, found, routes.action(method))
+            reply = routes.act(rt, method, found, allowed)
+        body = _send(reply, start_response)
+        return [] if method == "HEAD" else body
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drain and stop this process's runtime now (process exit does it by itself).
+
+        Returns False if it was still shutting down after ``timeout`` seconds.
+        """
+        return self._host.stop(timeout)
+
+
+def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _http.Action) -> bool:
+    """Run a sync ``authorize`` hook; refuse an async one with the fix in the message."""
+    allowed = authorize(request, record, action)
+    if inspect.isawaitable(allowed):
+        if inspect.iscoroutine(allowed):
+            allowed.close()
+        msg = (
+            "authorize must be a plain (sync) function under WSGI and Flask: it returned "
+            "an awaitable. Define it with `def`, not `async def`."
+        )
+        raise TypeError(msg)
+    return bool(allowed)
+
+
+def _send(reply: _http.Reply, start_response: StartResponse, exc_info: Any = None) -> list[bytes]:
+    start_response(f"{reply.status} {reply.reason}", list(reply.headers), exc_info)
+    return [reply.body]
+
+
+def accepted(
+    handle: TaskHandle, environ: WSGIEnvironment, start_response: StartResponse
+) -> Iterable[bytes]:
+    """Answer a plain WSGI request with the standard 202 for ``handle``.
+
+    JSON ``{"id", "status", "status_url"}`` and ``Location: <status_url>``; the
+    status URL is under the middleware's ``status_prefix`` and the app's
+    ``SCRIPT_NAME``.
+    """
+    prefix = environ.get(_PREFIX_KEY, DEFAULT_PREFIX)
+    status_url = f"{environ.get('SCRIPT_NAME', '')}{prefix}/{handle.id}"
+    return _send(_http.accepted(handle, status_url), start_response)

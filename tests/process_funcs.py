@@ -1,0 +1,117 @@
+"""Functions the process-pool tests run in worker processes.
+
+They live in their own module because a worker imports a task function by its
+module and name; test modules are not meant to be imported twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from bgtasks import _process
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+class TwoArgError(Exception):
+    """Pickles, but does not unpickle: __init__ takes two arguments, args holds one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_two_arg_error() -> None:
+    raise TwoArgError("x", "y")
+
+
+def exit_with_system_exit() -> None:
+    raise SystemExit(4)
+
+
+def spin_forever() -> None:
+    while True:
+        pass
+
+
+def long_c_call() -> bytes:
+    # One C call that runs for minutes and never returns to the interpreter.
+    return hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10**9)
+
+
+def allocate(size: int) -> int:
+    block = bytearray(size)
+    return len(block)
+
+
+def hard_exit(code: int) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_pid_then_sleep(seconds: float) -> None:
+    _process.report_progress_in_worker(os.getpid(), None, "started")
+    time.sleep(seconds)
+
+
+def count_with_progress(n: int) -> int:
+    for i in range(1, n + 1):
+        _process.report_progress_in_worker(i, n, f"step {i}")
+    return n
+
+
+def whoami() -> tuple[bool, str, str, int] | None:
+    task = _process.worker_task()
+    if task is None:
+        return None
+    return (_process.in_worker(), task.id, task.name, task.attempt)
+
+
+def unpicklable_result() -> Any:
+    return lambda: None
+
+
+async def async_add(a: int, b: int) -> int:
+    await asyncio.sleep(0.01)
+    return a + b
+
+
+def _refuse_to_schedule(fn: F) -> F:
+    """A stand-in for @background: the module attribute is a wrapper, not ``fn``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the worker called the wrapper instead of the original")
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_refuse_to_schedule
+def wrapped_double(x: int) -> int:
+    return 2 * x

@@ -1,0 +1,775 @@
+"""The ASGI adapter in-process: FastAPI and Starlette through a real lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import bgtasks
+from bgtasks.asgi import BackgroundMiddleware, accepted_response, document_background_routes
+
+with warnings.catch_warnings():
+    # Starlette asks for httpx2 and works with httpx; the warning is not ours.
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+PREFIX = "/_bgtasks/tasks"
+WAIT = 5.0
+
+
+class Item(BaseModel):
+    name: str
+    qty: int = 1
+
+
+def make_app(rt: bgtasks.Runtime | None = None, **options: Any) -> tuple[FastAPI, bgtasks.Runtime]:
+    rt = rt or bgtasks.Runtime(shutdown_grace=5.0)
+    app = FastAPI()
+    app.add_middleware(BackgroundMiddleware, runtime=rt, **options)
+    return app, rt
+
+
+def finished(rt: bgtasks.Runtime, task_id: str) -> bgtasks.TaskRecord:
+    handle = rt.handle(task_id)
+    assert handle is not None, f"the runtime does not know task {task_id}"
+    return handle.wait_sync(WAIT)
+
+
+# ---------------------------------------------------------------------- 202 routes
+def test_background_endpoint_answers_202_and_the_location_reports_success() -> None:
+    app, rt = make_app()
+
+    @app.post("/items")
+    @bgtasks.background
+    async def make_item(item: Item) -> dict[str, Any]:
+        return {"made": item.name, "qty": item.qty}
+
+    with TestClient(app) as client:
+        r = client.post("/items", json={"name": "bolt", "qty": 3})
+        assert r.status_code == 202
+        body = r.json()
+        assert set(body) == {"id", "status", "status_url"}
+        assert body["status"] == "pending"
+        assert r.headers["location"] == body["status_url"] == f"{PREFIX}/{body['id']}"
+        assert len(body["id"]) >= 22
+        finished(rt, body["id"])
+        status = client.get(r.headers["location"])
+        assert status.status_code == 200
+        record = status.json()
+        assert record["status"] == "succeeded"
+        assert record["result"] == {"made": "bolt", "qty": 3}
+        assert record["name"].endswith("make_item")
+
+
+def test_invalid_body_is_fastapis_422_and_schedules_nothing() -> None:
+    app, rt = make_app()
+    calls: list[Item] = []
+
+    @app.post("/items")
+    @bgtasks.background
+    def make_item(item: Item) -> None:
+        calls.append(item)
+
+    with TestClient(app) as client:
+        r = client.post("/items", json={"qty": "many"})
+        assert r.status_code == 422
+        assert {e["loc"][-1] for e in r.json()["detail"]} == {"name", "qty"}
+        assert sum(rt.stats().values()) == 0
+    assert calls == []
+
+
+def test_path_query_and_depends_are_resolved_from_the_original_signature() -> None:
+    app, rt = make_app()
+
+    def current_user(x_user: Annotated[str, Depends(lambda: "ada")]) -> str:
+        return x_user.upper()
+
+    @app.post("/orgs/{org}/reports")
+    @bgtasks.background
+    async def build(
+        org: int, user: Annotated[str, Depends(current_user)], item: Item, fmt: str = "pdf"
+    ) -> dict[str, Any]:
+        return {"org": org, "user": user, "fmt": fmt, "item": item.name}
+
+    with TestClient(app) as client:
+        r = client.post("/orgs/7/reports?fmt=csv", json={"name": "q3"})
+        assert r.status_code == 202, r.text
+        record = finished(rt, r.json()["id"])
+        assert record.result == {"org": 7, "user": "ADA", "fmt": "csv", "item": "q3"}
+        assert client.post("/orgs/seven/reports", json={"name": "q3"}).status_code == 422
+        assert rt.stats()["succeeded"] == 1
+
+
+def test_sync_and_async_endpoints_and_functions() -> None:
+    app, rt = make_app()
+    threads: dict[str, int] = {}
+
+    @app.post("/sync")
+    @bgtasks.background
+    def sync_job(n: int) -> int:
+        threads["sync"] = threading.get_ident()
+        return n * 2
+
+    @app.post("/async")
+    @bgtasks.background
+    async def async_job(n: int) -> int:
+        threads["async"] = threading.get_ident()
+        return n * 3
+
+    with TestClient(app) as client:
+        a = client.post("/sync?n=2")
+        b = client.post("/async?n=2")
+        assert (a.status_code, b.status_code) == (202, 202)
+        assert finished(rt, a.json()["id"]).result == 4
+        assert finished(rt, b.json()["id"]).result == 6
+    assert threads["sync"] != threads["async"]  # the sync function ran in a worker thread
+
+
+def test_wait_until_in_sync_and_async_endpoints() -> None:
+    app, rt = make_app()
+    done: list[str] = []
+
+    async def audit(what: str) -> str:
+        done.append(what)
+        return what
+
+    @app.post("/async")
+    async def async_endpoint() -> dict[str, str]:
+        handle = bgtasks.wait_until(audit("async"))
+        return {"id": handle.id}
+
+    @app.post("/sync")
+    def sync_endpoint() -> dict[str, str]:  # runs in Starlette's threadpool
+        handle = bgtasks.wait_until(done.append, "sync")
+        return {"id": handle.id}
+
+    with TestClient(app) as client:
+        a = client.post("/async")
+        b = client.post("/sync")
+        assert (a.status_code, b.status_code) == (200, 200)
+        assert finished(rt, a.json()["id"]).status == "succeeded"
+        assert finished(rt, b.json()["id"]).status == "succeeded"
+    assert sorted(done) == ["async", "sync"]
+
+
+def test_background_function_called_inside_another_endpoint_returns_a_handle() -> None:
+    app, rt = make_app()
+
+    @bgtasks.background
+    async def send_email(to: str) -> str:
+        return f"sent to {to}"
+
+    @app.post("/signup")
+    async def signup(email: str) -> dict[str, str]:
+        handle = await send_email(email)
+        assert isinstance(handle, bgtasks.TaskHandle)
+        return {"email_task": handle.id}
+
+    with TestClient(app) as client:
+        r = client.post("/signup?email=a@example.com")
+        assert r.status_code == 200
+        assert finished(rt, r.json()["email_task"]).result == "sent to a@example.com"
+
+
+def test_accepted_response_for_an_endpoint_that_schedules_itself() -> None:
+    app, rt = make_app()
+
+    @bgtasks.background
+    async def export(kind: str) -> str:
+        return kind
+
+    @app.post("/exports/{kind}")
+    async def start_export(kind: str) -> Response:
+        if kind == "forbidden":
+            raise HTTPException(403, "no")
+        return accepted_response(export.submit(kind))  # type: ignore[no-any-return]
+
+    with TestClient(app) as client:
+        assert client.post("/exports/forbidden").status_code == 403
+        r = client.post("/exports/csv")
+        assert r.status_code == 202
+        assert r.headers["location"] == r.json()["status_url"]
+        assert finished(rt, r.json()["id"]).result == "csv"
+    with pytest.raises(bgtasks.RuntimeNotActive, match="BackgroundMiddleware"):
+        accepted_response(None)  # type: ignore[arg-type]
+
+
+def test_idempotency_key_header_returns_the_existing_task() -> None:
+    app, rt = make_app()
+    release = threading.Event()
+
+    @app.post("/charge")
+    @bgtasks.background
+    def charge(amount: int) -> int:
+        release.wait(WAIT)
+        return amount
+
+    with TestClient(app) as client:
+        first = client.post("/charge?amount=5", headers={"Idempotency-Key": "k-1"})
+        again = client.post("/charge?amount=5", headers={"Idempotency-Key": "k-1"})
+        other = client.post("/charge?amount=5", headers={"Idempotency-Key": "k-2"})
+        long_key = "x" * 1000
+        long1 = client.post("/charge?amount=1", headers={"Idempotency-Key": long_key})
+        long2 = client.post("/charge?amount=1", headers={"Idempotency-Key": long_key})
+        release.set()
+        assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+        assert long1.json()["id"] == long2.json()["id"]
+        assert rt.stats()["pending"] + rt.stats()["running"] + rt.stats()["succeeded"] == 3
+
+
+def test_root_path_and_mounted_apps_get_the_middlewares_own_status_url() -> None:
+    app, rt = make_app()
+    sub = FastAPI()
+
+    @sub.post("/jobs")
+    @bgtasks.background
+    async def sub_job() -> str:
+        return "sub"
+
+    app.mount("/v2", sub)
+
+    with TestClient(app, root_path="/api") as client:
+        r = client.post("/v2/jobs")
+        assert r.status_code == 202
+        location = r.headers["location"]
+        assert location == f"/api{PREFIX}/{r.json()['id']}"
+        finished(rt, r.json()["id"])
+        assert client.get(location).json()["result"] == "sub"
+
+
+# ---------------------------------------------------------------------- status routes
+def test_status_routes_read_cancel_and_refuse_bad_ids() -> None:
+    app, rt = make_app()
+    started = threading.Event()
+
+    @app.post("/slow")
+    @bgtasks.background
+    async def slow() -> None:
+        started.set()
+        await asyncio.Event().wait()  # runs until cancelled
+
+    @app.post("/fast")
+    @bgtasks.background
+    async def fast() -> int:
+        return 1
+
+    with TestClient(app) as client:
+        running = client.post("/slow").json()
+        assert started.wait(WAIT)
+        url = running["status_url"]
+        assert client.get(url).json()["status"] == "running"
+        head = client.head(url)
+        assert head.status_code == 200 and head.content == b""
+
+        cancel = client.delete(url)
+        assert cancel.status_code == 202
+        assert finished(rt, running["id"]).status == "cancelled"
+        assert client.get(url).json()["status"] == "cancelled"
+        again = client.delete(url)
+        assert again.status_code == 409
+        assert again.json()["status"] == "cancelled"
+
+        done = client.post("/fast").json()
+        finished(rt, done["id"])
+        assert client.delete(done["status_url"]).status_code == 409
+
+        unknown = "A" * 22
+        assert client.get(f"{PREFIX}/{unknown}").status_code == 404
+        assert client.delete(f"{PREFIX}/{unknown}").status_code == 404
+        for bad in ("abc", "x" * 5000, "..%2F..%2Fetc", f"{done['id']}/extra", "%00" * 22, ""):
+            r = client.get(f"{PREFIX}/{bad}")
+            assert r.status_code == 404, (bad, r.status_code)
+            assert r.json() == {"detail": "Task not found"}
+        post = client.post(url)
+        assert post.status_code == 405
+        assert post.headers["allow"] == "GET, HEAD, DELETE"
+
+
+def test_status_prefix_is_configurable() -> None:
+    app, rt = make_app(status_prefix="/jobs")
+
+    @app.post("/go")
+    @bgtasks.background
+    async def go() -> int:
+        return 1
+
+    with TestClient(app) as client:
+        r = client.post("/go")
+        assert r.headers["location"].startswith("/jobs/")
+        finished(rt, r.json()["id"])
+        assert client.get(r.headers["location"]).json()["status"] == "succeeded"
+        assert client.get(f"{PREFIX}/{r.json()['id']}").status_code == 404  # the app's own 404
+    with pytest.raises(ValueError, match="status_prefix must start with '/'"):
+        BackgroundMiddleware(app, status_prefix="jobs/")
+
+
+@pytest.mark.parametrize("hook_kind", ["sync", "async"])
+def test_authorize_hook_and_include_result(hook_kind: str) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def decide(request: Request, record: bgtasks.TaskRecord, action: str) -> bool:
+        seen.append((record.id, action))
+        user = request.headers.get("x-user")
+        if user is None:
+            raise HTTPException(401, "log in", headers={"WWW-Authenticate": "Bearer"})
+        return user == "owner" or (user == "reader" and action == "read")
+
+    async def decide_async(request: Request, record: bgtasks.TaskRecord, action: str) -> bool:
+        return decide(request, record, action)
+
+    hook = decide if hook_kind == "sync" else decide_async
+    app, rt = make_app(authorize=hook, include_result=False)
+
+    @app.post("/secret")
+    @bgtasks.background
+    async def secret() -> str:
+        return "the answer"
+
+    with TestClient(app) as client:
+        url = client.post("/secret").headers["location"]
+        task_id = url.rsplit("/", 1)[1]
+        finished(rt, task_id)
+        owner = client.get(url, headers={"x-user": "owner"})
+        assert owner.status_code == 200
+        assert "result" not in owner.json()
+        assert owner.json()["status"] == "succeeded"
+        assert client.get(url, headers={"x-user": "reader"}).status_code == 200
+        assert client.get(url, headers={"x-user": "mallory"}).status_code == 404
+        assert client.delete(url, headers={"x-user": "reader"}).status_code == 404
+        anonymous = client.get(url)
+        assert anonymous.status_code == 401
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        assert client.delete(url, headers={"x-user": "owner"}).status_code == 409
+    assert (task_id, "cancel") in seen and (task_id, "read") in seen
+
+
+def test_status_reads_of_a_non_memory_store_run_off_the_event_loop() -> None:
+    loop_threads: set[int] = set()
+    load_threads: list[int] = []
+
+    class FileLikeStore:
+        durable = True
+
+        async def open(self, runtime: bgtasks.Runtime) -> None:
+            loop_threads.add(threading.get_ident())
+
+        async def started(self, runtime: bgtasks.Runtime) -> None: ...
+
+        async def close(self, runtime: bgtasks.Runtime) -> None: ...
+
+        def save(self, task: bgtasks.TaskHandle) -> None: ...
+
+        def load(self, task_id: str) -> bgtasks.TaskRecord | None:
+            load_threads.append(threading.get_ident())
+            return None
+
+        def expire(self, runtime: bgtasks.Runtime, cutoff: float) -> None: ...
+
+        async def before_cancel(self, runtime: bgtasks.Runtime, tasks: Any) -> None: ...
+
+    app, _ = make_app(bgtasks.Runtime(store=FileLikeStore()))  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        assert client.get(f"{PREFIX}/{'B' * 22}").status_code == 404
+    assert len(load_threads) == 1
+    assert load_threads[0] not in loop_threads
+
+
+# ---------------------------------------------------------------------- overload
+def test_registry_full_becomes_503_with_retry_after() -> None:
+    rt = bgtasks.Runtime(max_pending=1, shutdown_grace=5.0)
+    app, _ = make_app(rt)
+    release = threading.Event()
+
+    @app.post("/job")
+    @bgtasks.background
+    def job() -> None:
+        release.wait(WAIT)
+
+    @app.post("/plain")
+    async def plain() -> dict[str, str]:
+        return {"id": bgtasks.wait_until(asyncio.sleep(0)).id}
+
+    with TestClient(app) as client:
+        try:
+            assert client.post("/job").status_code == 202
+            for path in ("/job", "/plain"):
+                r = client.post(path)
+                assert r.status_code == 503, path
+                assert r.headers["retry-after"] == "1"
+                assert "max_pending=1" in r.json()["detail"]
+        finally:
+            release.set()
+        wait_idle(client, rt)
+        assert client.post("/job").status_code == 202
+
+
+def wait_idle(client: TestClient, rt: bgtasks.Runtime) -> None:
+    assert client.portal is not None
+    assert client.portal.call(rt.drain, WAIT)
+
+
+# ---------------------------------------------------------------------- OpenAPI
+def test_openapi_documents_202_with_the_accepted_body_and_the_request_as_before() -> None:
+    app, _ = make_app()
+
+    class Report(BaseModel):
+        url: str
+
+    @app.post("/reports/{org}")
+    @bgtasks.background
+    async def build_report(org: int, item: Item, year: int = 2024) -> Report:
+        return Report(url="x")
+
+    @app.post("/explicit", status_code=202)
+    @bgtasks.background
+    def explicit(item: Item) -> Report:
+        return Report(url="x")
+
+    @app.post("/normal")
+    async def normal(item: Item) -> Report:
+        return Report(url="x")
+
+    with TestClient(app) as client:
+        schema = client.get("/openapi.json").json()
+    op = schema["paths"]["/reports/{org}"]["post"]
+    assert set(op["responses"]) == {"202", "422"}
+    ok = op["responses"]["202"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/TaskAccepted"}
+    assert op["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Item"
+    }
+    assert {p["name"]: p["in"] for p in op["parameters"]} == {"org": "path", "year": "query"}
+    accepted = schema["components"]["schemas"]["TaskAccepted"]
+    assert set(accepted["properties"]) == {"id", "status", "status_url"}
+    assert "Report" not in schema["components"]["schemas"] or "/normal" in schema["paths"]
+    assert set(schema["paths"]["/explicit"]["post"]["responses"]) == {"202", "422"}
+    normal_ok = schema["paths"]["/normal"]["post"]["responses"]["200"]
+    assert normal_ok["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Report"
+    }
+
+
+def test_document_background_routes_without_starting_the_app() -> None:
+    app = FastAPI()
+
+    @app.post("/go")
+    @bgtasks.background
+    async def go() -> int:
+        return 1
+
+    before = app.openapi()["paths"]["/go"]["post"]["responses"]
+    assert "200" in before  # status code not known yet, but the body is already TaskAccepted
+    assert before["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "TaskAccepted"
+    )
+    assert document_background_routes(app) == 1
+    assert set(app.openapi()["paths"]["/go"]["post"]["responses"]) == {"202"}
+    assert document_background_routes(app) == 0
+    assert document_background_routes(object()) == 0
+
+
+# ---------------------------------------------------------------------- other middleware
+class Passthrough(BaseHTTPMiddleware):
+    async def dispatch(self, request: Any, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        response.headers["x-passed"] = "1"
+        return response
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_base_http_middleware_neither_delays_the_202_nor_cancels_the_task(where: str) -> None:
+    rt = bgtasks.Runtime(shutdown_grace=5.0)
+    app = FastAPI()
+    if where == "inside":  # added first: nearer the routes than ours
+        app.add_middleware(Passthrough)
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    if where == "outside":
+        app.add_middleware(Passthrough)
+    started, release = threading.Event(), threading.Event()
+
+    @app.post("/job")
+    @bgtasks.background
+    def job() -> str:
+        started.set()
+        release.wait(WAIT)
+        return "done"
+
+    with TestClient(app) as client:
+        r = client.post("/job")  # returns while the task is still waiting: not delayed
+        assert r.status_code == 202 and r.headers["x-passed"] == "1"
+        assert started.wait(WAIT)
+        handle = rt.handle(r.json()["id"])
+        assert handle is not None and handle.status == "running"
+        client.get("/nothing")  # more requests through the middleware meanwhile
+        release.set()
+        assert finished(rt, r.json()["id"]).status == "succeeded"
+
+
+# ---------------------------------------------------------------------- lifespan
+def test_lifespan_composes_with_the_apps_own_lifespan() -> None:
+    events: list[str] = []
+    rt = bgtasks.Runtime(shutdown_grace=5.0)
+    warm_done = threading.Event()
+
+    async def warm_cache() -> None:
+        warm_done.set()
+        events.append("warm-cache task ran")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        events.append(f"app startup (runtime started={rt.started})")
+        bgtasks.wait_until(warm_cache())  # the runtime is already active here
+        yield
+        events.append(f"app shutdown (runtime started={rt.started})")
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+
+    @rt.on("beforeunload")
+    def unloading(event: bgtasks.BeforeUnloadEvent) -> None:
+        events.append(f"beforeunload {event.reason}")
+
+    @app.post("/job")
+    @bgtasks.background
+    async def job() -> None:
+        events.append("job ran")
+
+    with TestClient(app) as client:
+        assert rt.started
+        assert client.post("/job").status_code == 202
+        assert warm_done.wait(WAIT)
+    assert not rt.started
+    assert events[0] == "app startup (runtime started=True)"
+    # The runtime drained (beforeunload, tasks) before the app's own shutdown ran.
+    assert events[-2:] == ["beforeunload shutdown", "app shutdown (runtime started=False)"]
+    assert {"warm-cache task ran", "job ran"} <= set(events)
+
+
+def test_fastapi_on_event_handlers_compose_too() -> None:
+    events: list[str] = []
+    app, rt = make_app()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # on_event is deprecated
+
+        @app.on_event("startup")
+        async def startup() -> None:
+            events.append(f"startup {rt.started}")
+
+        @app.on_event("shutdown")
+        async def shutdown() -> None:
+            events.append(f"shutdown {rt.started}")
+
+    with TestClient(app):
+        pass
+    assert events == ["startup True", "shutdown False"]
+
+
+def test_startup_failure_of_the_app_stops_the_runtime() -> None:
+    rt = bgtasks.Runtime()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("database is down")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    with pytest.raises(RuntimeError, match="database is down"), TestClient(app):
+        pass
+    assert not rt.started
+
+
+def test_a_runtime_runs_one_lifespan_but_a_default_one_is_renewed() -> None:
+    rt = bgtasks.Runtime()
+    app, _ = make_app(rt)
+    with TestClient(app):
+        pass
+    with pytest.raises(RuntimeError, match="a Runtime runs once"), TestClient(app):
+        pass
+
+    default = FastAPI()
+    default.add_middleware(BackgroundMiddleware)
+
+    @default.post("/job")
+    @bgtasks.background
+    async def job() -> int:
+        return 1
+
+    for _ in range(2):
+        with TestClient(default) as client:
+            assert client.post("/job").status_code == 202
+
+
+async def plain_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An app that knows only HTTP, as many hand-written ASGI apps do."""
+    assert scope["type"] == "http", "this app does not speak lifespan"
+    handle = bgtasks.wait_until(asyncio.sleep(0, "slept"))
+    body = handle.id.encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_an_app_without_lifespan_support_still_gets_a_drained_runtime() -> None:
+    rt = bgtasks.Runtime(shutdown_grace=5.0)
+    unloads: list[str] = []
+    rt.on("beforeunload", lambda event: unloads.append(event.reason))
+    with TestClient(BackgroundMiddleware(plain_asgi_app, runtime=rt)) as client:
+        assert rt.started
+        task_id = client.get("/").text
+        assert finished(rt, task_id).result == "slept"
+    assert not rt.started
+    assert unloads == ["shutdown"]
+
+
+@pytest.mark.anyio
+async def test_without_lifespan_the_first_request_starts_the_runtime_and_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rt = bgtasks.Runtime(shutdown_grace=1.0)
+    app, _ = make_app(rt)
+
+    @app.post("/job")
+    @bgtasks.background
+    async def job(n: int) -> int:
+        return n
+
+    transport = httpx.ASGITransport(app=app)  # no lifespan, like uvicorn --lifespan off
+    try:
+        with caplog.at_level(logging.WARNING, logger="bgtasks"):
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                ids = [(await client.post(f"/job?n={n}")).json()["id"] for n in range(3)]
+                records = [await h.wait(WAIT) for h in map(rt.handle, ids) if h is not None]
+                assert [r.result for r in records] == [0, 1, 2]
+        warnings_logged = [r for r in caplog.records if "lifespan" in r.getMessage()]
+        assert len(warnings_logged) == 1
+        assert "shutdown cannot drain" in warnings_logged[0].getMessage()
+    finally:
+        await rt.shutdown()
+
+
+def test_testclient_without_with_gives_a_clear_error() -> None:
+    app, rt = make_app()
+
+    @app.post("/job")
+    @bgtasks.background
+    async def job() -> int:
+        return 1
+
+    client = TestClient(app)  # every request on a new event loop
+    assert client.post("/job").status_code == 202
+    with pytest.raises(RuntimeError, match="with TestClient"):
+        client.post("/job")
+
+
+# ---------------------------------------------------------------------- Starlette, websockets
+def test_plain_starlette_app() -> None:
+    rt = bgtasks.Runtime(shutdown_grace=5.0)
+
+    @bgtasks.background
+    async def resize(name: str) -> str:
+        return f"resized {name}"
+
+    async def upload(request: Any) -> Response:
+        name = request.path_params["name"]
+        return accepted_response(resize.submit(name))  # type: ignore[no-any-return]
+
+    async def audit(request: Any) -> JSONResponse:
+        handle = bgtasks.wait_until(asyncio.sleep(0, "audited"))
+        return JSONResponse({"id": handle.id})
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        handle = bgtasks.wait_until(asyncio.sleep(0, "ws"))
+        await websocket.send_text(handle.id)
+        await websocket.close()
+
+    app = Starlette(
+        routes=[
+            Route("/upload/{name}", upload, methods=["POST"]),
+            Route("/audit", audit),
+            Mount("/ws", routes=[WebSocketRoute("/", ws)]),
+        ]
+    )
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    with TestClient(app) as client:
+        r = client.post("/upload/cat.png")
+        assert r.status_code == 202
+        assert finished(rt, r.json()["id"]).result == "resized cat.png"
+        assert finished(rt, client.get("/audit").json()["id"]).result == "audited"
+        with client.websocket_connect("/ws/") as socket:
+            task_id = socket.receive_text()
+        assert finished(rt, task_id).result == "ws"
+
+
+# ---------------------------------------------------------------------- yield dependencies
+class Session:
+    """Stands for a database session: unusable once closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def query(self, what: str) -> str:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        return f"rows of {what}"
+
+
+def test_yield_dependency_pattern_open_a_new_session_inside_the_task() -> None:
+    app, rt = make_app()
+    request_session_closed = asyncio.Event()
+
+    async def get_session() -> AsyncIterator[Session]:
+        session = Session()
+        try:
+            yield session
+        finally:  # runs after the response is sent: the task outlives it
+            session.close()
+            request_session_closed.set()
+
+    # Wrong: the task keeps the request's session, closed once the response is out.
+    @bgtasks.background
+    async def report_with(session: Session) -> str:
+        await request_session_closed.wait()
+        return session.query("orders")
+
+    # Right: pass plain values; the task opens (and closes) its own session.
+    @bgtasks.background
+    async def report(org_id: int) -> str:
+        with contextlib.closing(Session()) as session:  # e.g. `with SessionLocal() as session:`
+            return session.query(f"orders of {org_id}")
+
+    @app.post("/wrong")
+    async def wrong(session: Annotated[Session, Depends(get_session)]) -> dict[str, str]:
+        return {"id": (await report_with(session)).id}
+
+    @app.post("/right/{org_id}")
+    async def right(
+        org_id: int, session: Annotated[Session, Depends(get_session)]
+    ) -> dict[str, str]:
+        session.query("permissions")  # the request's session serves the request
+        return {"id": (await report(org_id)).id}
+
+    with TestClient(app) as client:
+        bad = finished(rt, client.post("/wrong").json()["id"])
+        good = finished(rt, client.post("/right/7").json()["id"])
+    assert bad.status == "failed"
+    assert bad.error is not None and bad.error.message == "session is closed"
+    assert good.status == "succeeded" and good.result == "rows of orders of 7"
