@@ -1,0 +1,377 @@
+"""ProcessPool: worker processes with hard per-task CPU and memory limits."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import types
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import process_funcs as pf  # noqa: E402  (needs the path above; workers inherit sys.path)
+
+from bgtasks._errors import (  # noqa: E402
+    CPULimitExceeded,
+    MemoryLimitExceeded,
+    WorkerCrashed,
+)
+from bgtasks._process import (  # noqa: E402
+    ProcessPool,
+    RemoteTraceback,
+    WorkerTaskError,
+    check_importable,
+    check_picklable,
+    in_worker,
+    report_progress_in_worker,
+    worker_task,
+)
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process limits are Linux-only")
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ProcessPool]:
+    async with ProcessPool(size=2) as p:
+        yield p
+
+
+async def run(pool: ProcessPool, fn: Any, *args: Any, **options: Any) -> Any:
+    options.setdefault("cpu_time", None)
+    options.setdefault("memory", None)
+    return await pool.run(fn, args, {}, **options)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# ------------------------------------------------------------ results and errors
+
+
+@pytest.mark.anyio
+async def test_returns_the_result(pool: ProcessPool) -> None:
+    assert await pool.run(pf.add, (1,), {"b": 2}, cpu_time=None, memory=None) == 3
+
+
+@pytest.mark.anyio
+async def test_runs_an_async_function_with_asyncio_run(pool: ProcessPool) -> None:
+    assert await run(pool, pf.async_add, 2, 3) == 5
+
+
+@pytest.mark.anyio
+async def test_runs_the_original_under_a_wrapping_decorator(pool: ProcessPool) -> None:
+    # Like @background: the module attribute is the wrapper, the pool gets the original.
+    assert await run(pool, pf.wrapped_double.__wrapped__, 21) == 42
+
+
+@pytest.mark.anyio
+async def test_exception_propagates_with_the_worker_traceback(pool: ProcessPool) -> None:
+    with pytest.raises(ValueError, match="^no luck$") as info:
+        await run(pool, pf.boom, "no luck")
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in boom" in str(cause)
+    assert await run(pool, pf.add, 1, 1) == 2  # the worker is still usable
+
+
+@pytest.mark.anyio
+async def test_exception_that_cannot_cross_becomes_worker_task_error(pool: ProcessPool) -> None:
+    with pytest.raises(WorkerTaskError, match=r"^process_funcs\.TwoArgError: x/y \(") as info:
+        await run(pool, pf.raise_two_arg_error)
+    assert info.value.type_name == "process_funcs.TwoArgError"
+    assert "super().__init__()" in str(info.value)
+    assert "raise TwoArgError" in info.value.remote_traceback
+
+    with pytest.raises(WorkerTaskError, match=r"^SystemExit: 4 \(.*not an Exception"):
+        await run(pool, pf.exit_with_system_exit)
+
+
+@pytest.mark.anyio
+async def test_unpicklable_result_is_a_type_error(pool: ProcessPool) -> None:
+    with pytest.raises(TypeError, match="cannot be pickled to send it back"):
+        await run(pool, pf.unpicklable_result)
+
+
+@pytest.mark.anyio
+async def test_unpicklable_argument_is_refused_before_a_worker_starts(pool: ProcessPool) -> None:
+    with pytest.raises(TypeError, match=r"argument 'b' \(position 1\) \(lock\) cannot be pickled"):
+        await run(pool, pf.add, 1, threading.Lock())
+    assert pool.pids == []
+
+
+# ------------------------------------------------------------------------ limits
+
+
+@pytest.mark.anyio
+async def test_cpu_limit_stops_a_python_loop(pool: ProcessPool) -> None:
+    start = time.monotonic()
+    with pytest.raises(CPULimitExceeded, match=r"CPU limit of 0\.5s"):
+        await run(pool, pf.spin_forever, cpu_time=0.5)
+    assert time.monotonic() - start < 0.5 + 1.5
+    assert await run(pool, pf.add, 1, 1) == 2
+
+
+@pytest.mark.anyio
+async def test_cpu_limit_stops_one_long_c_call(pool: ProcessPool) -> None:
+    await run(pool, pf.pid)  # a warm worker: time only the task
+    start = time.monotonic()
+    with pytest.raises(CPULimitExceeded):
+        await run(pool, pf.long_c_call, cpu_time=0.5)
+    assert time.monotonic() - start < 0.5 + 1.5
+
+
+@pytest.mark.anyio
+async def test_cpu_limit_is_relative_to_what_the_worker_used(pool: ProcessPool) -> None:
+    # The worker has already spent CPU on its start; a small budget still holds.
+    first = await run(pool, pf.pid, cpu_time=0.2)
+    assert await run(pool, pf.pid, cpu_time=0.2) == first
+
+
+@pytest.mark.anyio
+async def test_memory_limit(pool: ProcessPool) -> None:
+    before = await run(pool, pf.pid)
+    with pytest.raises(MemoryLimitExceeded, match=f"memory limit of {100 * MiB} bytes") as info:
+        await run(pool, pf.allocate, 500 * MiB, memory=100 * MiB)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "MemoryError" in str(info.value.__cause__)
+    # The worker was replaced, and the limit did not outlive the task.
+    assert await run(pool, pf.allocate, 500 * MiB) == 500 * MiB
+    assert before not in pool.pids
+
+
+@pytest.mark.anyio
+async def test_allocation_within_the_memory_limit_succeeds(pool: ProcessPool) -> None:
+    assert await run(pool, pf.allocate, 20 * MiB, memory=100 * MiB) == 20 * MiB
+
+
+# ----------------------------------------------------------------- worker deaths
+
+
+@pytest.mark.anyio
+async def test_os_exit_is_worker_crashed_and_the_pool_goes_on(pool: ProcessPool) -> None:
+    with pytest.raises(WorkerCrashed, match=r"exited with code 3") as info:
+        await run(pool, pf.hard_exit, 3, name="exiter")
+    assert "'exiter'" in str(info.value)
+    assert await run(pool, pf.add, 2, 2) == 4
+
+
+@pytest.mark.anyio
+async def test_segfault_is_worker_crashed(pool: ProcessPool) -> None:
+    with pytest.raises(WorkerCrashed, match=r"killed by SIGSEGV \(11\).*native code"):
+        await run(pool, pf.segfault)
+    assert await run(pool, pf.add, 2, 2) == 4
+
+
+@pytest.mark.anyio
+async def test_sigkill_is_worker_crashed(pool: ProcessPool) -> None:
+    with pytest.raises(WorkerCrashed, match=r"killed by SIGKILL \(9\).*out-of-memory killer"):
+        await run(pool, pf.kill_self)
+    assert await run(pool, pf.add, 2, 2) == 4
+
+
+# ------------------------------------------------------------------ cancellation
+
+
+@pytest.mark.anyio
+async def test_cancellation_kills_the_worker(pool: ProcessPool) -> None:
+    started = asyncio.Event()
+    pids: list[int] = []
+
+    def on_progress(done: float, total: float | None, message: str | None) -> None:
+        pids.append(int(done))
+        started.set()
+
+    task = asyncio.create_task(
+        run(pool, pf.report_pid_then_sleep, 30, on_progress=on_progress)
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gone(pids[0])
+    assert pids[0] not in pool.pids
+    assert await run(pool, pf.add, 1, 2) == 3
+
+
+@pytest.mark.anyio
+async def test_anyio_timeout_kills_the_worker() -> None:
+    pids: list[int] = []
+    async with ProcessPool(size=1) as pool:
+        with anyio.move_on_after(1.0) as scope:
+            await run(
+                pool,
+                pf.report_pid_then_sleep,
+                30,
+                on_progress=lambda done, total, message: pids.append(int(done)),
+            )
+        assert scope.cancelled_caught
+        assert gone(pids[0])
+        assert await run(pool, pf.pid) != pids[0]
+
+
+@pytest.mark.anyio
+async def test_aclose_stops_a_busy_worker() -> None:
+    pool = ProcessPool(size=1)
+    started = asyncio.Event()
+    pids: list[int] = []
+
+    def on_progress(done: float, total: float | None, message: str | None) -> None:
+        pids.append(int(done))
+        started.set()
+
+    task = asyncio.create_task(run(pool, pf.report_pid_then_sleep, 30, on_progress=on_progress))
+    await asyncio.wait_for(started.wait(), 10)
+    await pool.aclose()
+    with pytest.raises(WorkerCrashed, match="pool was closing"):
+        await task
+    assert gone(pids[0])
+    await pool.aclose()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        await run(pool, pf.pid)
+
+
+# ------------------------------------------------------- progress and task info
+
+
+@pytest.mark.anyio
+async def test_progress_reaches_the_callback(pool: ProcessPool) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+    result = await run(
+        pool,
+        pf.count_with_progress,
+        3,
+        on_progress=lambda done, total, message: seen.append((done, total, message)),
+    )
+    assert result == 3
+    assert seen == [(1.0, 3.0, "step 1"), (2.0, 3.0, "step 2"), (3.0, 3.0, "step 3")]
+
+
+@pytest.mark.anyio
+async def test_a_failing_progress_callback_is_logged(
+    pool: ProcessPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(done: float, total: float | None, message: str | None) -> None:
+        raise RuntimeError("callback bug")
+
+    assert await run(pool, pf.count_with_progress, 2, on_progress=broken) == 2
+    assert "progress callback raised" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_worker_knows_its_task(pool: ProcessPool) -> None:
+    got = await run(pool, pf.whoami, task_id="t1", name="job", attempt=2)
+    assert got == (True, "t1", "job", 2)
+    assert not in_worker()
+    assert worker_task() is None
+    with pytest.raises(RuntimeError, match="outside a task running in a bgtasks worker"):
+        report_progress_in_worker(1)
+
+
+# --------------------------------------------------------- recycling and sizing
+
+
+@pytest.mark.anyio
+async def test_worker_is_replaced_after_max_tasks() -> None:
+    async with ProcessPool(size=1, max_tasks_per_worker=2) as pool:
+        pids = [await run(pool, pf.pid) for _ in range(3)]
+    assert pids[0] == pids[1] != pids[2]
+
+
+@pytest.mark.anyio
+async def test_idle_worker_stops_after_idle_timeout() -> None:
+    async with ProcessPool(size=1, idle_timeout=0.2) as pool:
+        pid = await run(pool, pf.pid)
+        with anyio.fail_after(5):
+            while not gone(pid):
+                await anyio.sleep(0.05)
+        assert pool.pids == []
+        assert await run(pool, pf.pid) != pid
+
+
+@pytest.mark.anyio
+async def test_size_bounds_the_workers() -> None:
+    async with ProcessPool(size=2) as pool:
+        pids: list[int] = []
+
+        async def one() -> None:
+            await run(
+                pool,
+                pf.report_pid_then_sleep,
+                0.3,
+                on_progress=lambda done, total, message: pids.append(int(done)),
+            )
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(one)
+        assert len(pids) == 4
+        assert len(set(pids)) == 2
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="size"):
+        ProcessPool(size=0)
+    with pytest.raises(ValueError, match="max_tasks_per_worker"):
+        ProcessPool(max_tasks_per_worker=0)
+    with pytest.raises(ValueError, match="idle_timeout"):
+        ProcessPool(idle_timeout=0)
+    assert ProcessPool().size >= 1
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def test_check_importable_accepts_a_module_level_function() -> None:
+    check_importable(pf.add)
+    check_importable(pf.async_add)
+
+
+def test_check_importable_rejects_a_lambda() -> None:
+    with pytest.raises(TypeError, match=r"is a lambda.*Define it with def at the top level"):
+        check_importable(lambda: None)
+
+
+def test_check_importable_rejects_a_nested_function() -> None:
+    def inner() -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"inside another function.*Move it to the top level"):
+        check_importable(inner)
+
+
+def test_check_importable_rejects_an_interactive_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    fn = types.FunctionType(pf.add.__code__, {}, "add")
+    fn.__module__ = "__main__"
+    fn.__qualname__ = "add"
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    with pytest.raises(TypeError, match=r"interactive __main__.*Move it into a module file"):
+        check_importable(fn)
+
+
+def test_check_picklable_names_the_argument() -> None:
+    check_picklable((1, "x"), {"y": [1, 2]})
+    with pytest.raises(TypeError, match=r"^positional argument 1 \(lock\) cannot be pickled"):
+        check_picklable((1, threading.Lock()), {})
+    with pytest.raises(TypeError, match=r"^argument 'b' \(position 1\)"):
+        check_picklable((1, threading.Lock()), {}, fn=pf.add)
+    with pytest.raises(TypeError, match=r"^keyword argument 'b' \(lock\).*Pass plain data"):
+        check_picklable((1,), {"b": threading.Lock()})
