@@ -8,16 +8,18 @@ keeps the default hot path free of I/O.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ._journal import JournalEntry
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
     from .._task import TaskHandle, TaskRecord
 
-__all__ = ["MemoryStore", "Store", "open_store"]
+__all__ = ["JournalEntry", "MemoryStore", "Store", "open_store"]
 
 
 @runtime_checkable
@@ -48,6 +50,22 @@ class Store(Protocol):
 
     async def before_cancel(self, runtime: Runtime, tasks: Sequence[TaskHandle]) -> None:
         """Shutdown is about to cancel ``tasks`` (a durable store keeps them queued)."""
+
+    # Durable calls and idempotency keys (used by bgtasks._durable). A store
+    # that is not durable still answers them: it keeps keys in memory.
+
+    #: seconds a caller waits for ``journal`` before refusing the call
+    journal_timeout: float
+
+    def journal(
+        self, runtime: Runtime, entry: JournalEntry
+    ) -> concurrent.futures.Future[TaskRecord | None]:
+        """Record an admitted, not yet launched, call. The future resolves to None
+        once it is stored (committed, for a durable store), or to the record of
+        the task that already holds ``entry.idempotency_key``."""
+
+    def forget_journal(self, task_id: str) -> None:
+        """``journal`` failed or found the key taken: the task will not run here."""
 
 
 def open_store(spec: object) -> Store:
