@@ -25,17 +25,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pydantic
+import pydantic_core
 import typing_extensions
 
 from ._errors import RegistryFull, StoreError
 from ._limits import Limits
 from ._runtime import Spec, is_async_callable
 from ._task import TaskHandle, TaskRecord, TaskStatus
+from .stores._journal import JournalEntry
 
 if TYPE_CHECKING:
     from ._api import _Options
     from ._runtime import Runtime
-    from .stores.sqlite import ClaimedTask, JournalEntry, SQLiteStore
+    from .stores import Store
+    from .stores.sqlite import ClaimedTask, SQLiteStore
 
 __all__ = ["check_durable", "replay_loop", "replay_once", "submit_durable", "submit_durable_async"]
 
@@ -43,8 +46,10 @@ logger = logging.getLogger("bgtasks")
 
 _codecs: dict[Callable[..., Any], Codec] = {}
 _codecs_lock = threading.Lock()
-_memory_keys_lock = threading.Lock()
 _warned: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+# Built at run time from a signature, which static checkers cannot follow.
+_TypedDict: Any = typing_extensions.TypedDict
 
 #: Most orphaned tasks one look claims; the next look takes the rest.
 CLAIM_BATCH = 100
@@ -91,7 +96,10 @@ class Codec:
     __slots__ = ("adapter", "fn", "signature")
 
     def __init__(
-        self, fn: Callable[..., Any], signature: inspect.Signature, adapter: pydantic.TypeAdapter[Any]
+        self,
+        fn: Callable[..., Any],
+        signature: inspect.Signature,
+        adapter: pydantic.TypeAdapter[Any],
     ) -> None:
         self.fn = fn
         self.signature = signature
@@ -120,18 +128,16 @@ class Codec:
             typ: Any = pydantic.JsonValue if ann is Any else ann
             _check_storable(what, name, ann, typ)
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
-                typ = tuple[typ, ...]  # type: ignore[valid-type]
+                typ = tuple[typ, ...]
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
-                typ = dict[str, typ]  # type: ignore[valid-type]
+                typ = dict[str, typ]
             elif param.default is not inspect.Parameter.empty:
                 typ = typing_extensions.NotRequired[typ]
             fields[name] = typ
         if not fields:
             adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(dict[str, None])
         else:
-            args_type: Any = typing_extensions.TypedDict(  # type: ignore[operator]
-                f"{fn.__name__}_arguments", fields
-            )
+            args_type = _TypedDict(f"{fn.__name__}_arguments", fields)
             adapter = pydantic.TypeAdapter(args_type)
         return cls(fn, signature, adapter)
 
@@ -154,7 +160,7 @@ class Codec:
                 "bool, None, list, dict)."
             )
             raise TypeError(msg) from None
-        except pydantic.PydanticSerializationError as exc:
+        except pydantic_core.PydanticSerializationError as exc:
             msg = (
                 f"durable task {name!r}: its arguments cannot be stored as JSON ({exc}); pass "
                 "values pydantic can serialise (an id, a URL, a pydantic model)."
@@ -218,16 +224,16 @@ class _Pending:
     """A task admitted in memory whose journal write is in flight."""
 
     rt: Runtime
-    store: SQLiteStore
+    store: Store
     task: TaskHandle
-    future: concurrent.futures.Future[ClaimedTask | None]
+    future: concurrent.futures.Future[TaskRecord | None]
     #: admitted on the runtime's loop thread: settle it there too (see Runtime._retract)
     on_loop: bool
 
     def settle_later(self) -> None:
         """The caller stopped waiting: let the commit decide, whenever it comes."""
 
-        def done(fut: concurrent.futures.Future[ClaimedTask | None]) -> None:
+        def done(fut: concurrent.futures.Future[TaskRecord | None]) -> None:
             loop = self.rt._loop
             if not self.on_loop:
                 _settle_late(self, fut)
@@ -244,25 +250,27 @@ def submit_durable(
     """Submit ``spec``, returning the existing task for ``idempotency_key`` if any.
 
     With a durable store the call is journaled (committed) before this returns;
-    on the event-loop thread that is a short synchronous write (see
-    ``submit_durable_async`` for the awaiting variant async wrappers use).
+    on the event-loop thread that is a short synchronous write (async wrappers
+    use ``submit_durable_async``, which awaits it instead).
     """
     begun = _begin(rt, opts, spec, idempotency_key)
-    if isinstance(begun, TaskHandle):
-        return begun
-    timeout = begun.store.busy_timeout + 10.0
-    try:
-        outcome = begun.future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        begun.settle_later()
-        msg = (
-            f"the task store {begun.store.path!r} did not confirm the journal write within "
-            f"{timeout:g}s; the call was not accepted (it may still run). Retry later."
-        )
-        raise RegistryFull(msg, retry_after=1.0) from None
-    except BaseException as exc:
-        raise _refused(begun, exc) from exc
-    return _settle(begun, outcome)
+    fut = begun.future
+    if not fut.done():
+        timeout = begun.store.journal_timeout
+        try:
+            concurrent.futures.wait((fut,), timeout)
+        except BaseException:  # KeyboardInterrupt while waiting
+            begun.settle_later()
+            raise
+        if not fut.done():
+            begun.settle_later()
+            msg = (
+                f"the task store did not confirm the journal write within {timeout:g}s; "
+                "the call was not accepted (it may still run once the store answers). "
+                "Retry later."
+            )
+            raise RegistryFull(msg, retry_after=1.0)
+    return _outcome(begun)
 
 
 async def submit_durable_async(
@@ -270,30 +278,34 @@ async def submit_durable_async(
 ) -> TaskHandle:
     """``submit_durable`` for async callers: the event loop never waits on the write."""
     begun = _begin(rt, opts, spec, idempotency_key)
-    if isinstance(begun, TaskHandle):
-        return begun
-    try:
-        outcome = await asyncio.shield(asyncio.wrap_future(begun.future))
-    except asyncio.CancelledError:
-        # The caller went away; the commit, not the caller, decides the task's fate.
-        begun.settle_later()
-        raise
-    except BaseException as exc:
-        raise _refused(begun, exc) from exc
-    return _settle(begun, outcome)
+    if not begun.future.done():
+        try:
+            await asyncio.shield(asyncio.wrap_future(begun.future))
+        except asyncio.CancelledError:
+            # The caller went away; the commit, not the caller, decides the task's fate.
+            begun.settle_later()
+            raise
+        except Exception:
+            pass  # _outcome reports it
+    return _outcome(begun)
 
 
-def _begin(
-    rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None
-) -> TaskHandle | _Pending:
-    store: Any = rt.store
-    payload: str | None = None
+def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -> _Pending:
+    store = rt.store
+    payload = options = target = None
     if opts.durable:
         codec = _codec(opts.fn)
         args, kwargs, payload = codec.dump(opts.name, spec.args, spec.kwargs)
         spec = dataclasses.replace(spec, args=args, kwargs=kwargs)
-    if not store.durable or not hasattr(store, "journal"):
-        if opts.durable and rt not in _warned:
+        target = target_of(opts.fn)
+        options = json.dumps(
+            {
+                "retries": spec.retries,
+                "limits": _limits_json(spec.limits),
+                "isolation": opts.isolation,
+            }
+        )
+        if not store.durable and rt not in _warned:
             _warned.add(rt)
             logger.warning(
                 "bgtasks: durable task %r runs on a runtime whose store is not durable; "
@@ -301,61 +313,47 @@ def _begin(
                 "journal durable tasks.",
                 opts.name,
             )
-        return _submit_in_memory(rt, opts.name, spec, key)
     t = rt._admit(opts.name, spec)
-    options = json.dumps(
-        {"retries": spec.retries, "limits": _limits_json(spec.limits), "isolation": opts.isolation}
-    )
-    from .stores.sqlite import JournalEntry
-
-    entry: JournalEntry = JournalEntry(
+    entry = JournalEntry(
         id=t._id,
         name=opts.name,
         created_at=t._created_at,
         durable=opts.durable,
-        target=target_of(opts.fn) if opts.durable else None,
+        target=target,
         payload=payload,
-        options=options if opts.durable else None,
+        options=options,
         idempotency_key=key,
     )
     try:
-        fut = store.journal(entry)
+        fut = store.journal(rt, entry)
     except BaseException:
         rt._retract(t)
         raise
     return _Pending(rt, store, t, fut, threading.get_ident() == rt._loop_thread_id)
 
 
-def _submit_in_memory(rt: Runtime, name: str, spec: Spec, key: str | None) -> TaskHandle:
-    if key is None:
-        return rt.submit(spec, name=name)
-    scoped = f"{name}\n{key}"
-    with _memory_keys_lock:
-        existing = rt._idempotent.get(scoped)
-        if existing is not None:
-            handle = rt.handle(existing)
-            if handle is not None:
-                return handle
-        handle = rt.submit(spec, name=name)
-        rt._idempotent[scoped] = handle.id
-    return handle
+def _outcome(begun: _Pending) -> TaskHandle:
+    exc = begun.future.exception()
+    if exc is not None:
+        raise _refused(begun, exc) from exc
+    return _settle(begun, begun.future.result())
 
 
-def _settle(begun: _Pending, outcome: ClaimedTask | None) -> TaskHandle:
+def _settle(begun: _Pending, existing: TaskRecord | None) -> TaskHandle:
     rt, t = begun.rt, begun.task
-    if outcome is None:
+    if existing is None:
         rt._launch(t)
         return t
     # Another task already holds this idempotency key: that one is the answer.
     begun.store.forget_journal(t._id)
     rt._retract(t)
-    existing = rt.handle(outcome.id)
-    if existing is not None:
-        return existing
-    return RemoteHandle.of(rt, outcome)
+    handle = rt.handle(existing.id)
+    if handle is not None:
+        return handle
+    return RemoteHandle.of(rt, existing)
 
 
-def _settle_late(begun: _Pending, fut: concurrent.futures.Future[ClaimedTask | None]) -> None:
+def _settle_late(begun: _Pending, fut: concurrent.futures.Future[TaskRecord | None]) -> None:
     try:
         exc = fut.exception()
         if exc is None:
@@ -394,13 +392,11 @@ class RemoteHandle(TaskHandle):
     __slots__ = ()
 
     @classmethod
-    def of(cls, rt: Runtime, claimed: ClaimedTask) -> RemoteHandle:
-        handle = cls(rt, claimed.id, claimed.name)
-        handle._created_at = claimed.created_at
-        handle._attempts = claimed.attempts
-        record = rt.get(claimed.id)
-        if record is not None:
-            handle._status = record.status
+    def of(cls, rt: Runtime, record: TaskRecord) -> RemoteHandle:
+        handle = cls(rt, record.id, record.name)
+        handle._created_at = record.created_at.timestamp()
+        handle._attempts = record.attempts
+        handle._status = record.status
         return handle
 
     def _fresh(self) -> TaskRecord | None:
@@ -473,8 +469,9 @@ async def replay_loop(rt: Runtime, store: SQLiteStore) -> None:
     while True:
         await asyncio.sleep(store.poll)
         try:
-            while await replay_once(rt, store) >= CLAIM_BATCH:
-                await asyncio.sleep(0)
+            more = True
+            while more:  # a full batch: there may be more waiting
+                more = await replay_once(rt, store) >= CLAIM_BATCH
         except StoreError as exc:
             logger.warning("bgtasks: could not look for orphaned tasks: %s", exc)
 
@@ -506,11 +503,9 @@ def _spec_of(rt: Runtime, claimed: ClaimedTask) -> Spec:
     isolation = options.get("isolation", "inline")
     limits = Limits(**{k: v for k, v in (options.get("limits") or {}).items() if v is not None})
     args, kwargs = _codec(fn).load(claimed.payload)
-    kind: Any
+    kind: Any = "async" if is_async_callable(fn) else "sync"
     if isolation == "process":
         kind = "process"
-    else:
-        kind = "async" if is_async_callable(fn) else "sync"
     return Spec(
         kind,
         fn,

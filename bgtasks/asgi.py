@@ -134,8 +134,8 @@ class BackgroundMiddleware:
         """Serve ``GET``/``HEAD``/``DELETE <prefix>/<id>``."""
         routes = self.routes
         method: str = scope["method"]
-        # A durable store may read a file: keep that off the event loop.
-        in_thread = not isinstance(rt.store, MemoryStore)
+        # Any store but the plain memory one may read a file: keep that off the loop.
+        in_thread = type(rt.store) is not MemoryStore
         if in_thread:
             import anyio.to_thread
 

@@ -54,8 +54,9 @@ class Store(Protocol):
     # Durable calls and idempotency keys (used by bgtasks._durable). A store
     # that is not durable still answers them: it keeps keys in memory.
 
-    #: seconds a caller waits for ``journal`` before refusing the call
-    journal_timeout: float
+    @property
+    def journal_timeout(self) -> float:
+        """Seconds a caller waits for ``journal`` before refusing the call."""
 
     def journal(
         self, runtime: Runtime, entry: JournalEntry
@@ -79,7 +80,7 @@ def open_store(spec: object) -> Store:
             except ImportError as exc:  # pragma: no cover - shipped with the package
                 msg = f"the SQLite store is not available: {exc}"
                 raise ValueError(msg) from exc
-            return SQLiteStore.from_url(spec)  # type: ignore[no-any-return]
+            return SQLiteStore.from_url(spec)
         msg = (
             f"unknown store {spec!r}; use store='memory' or store='sqlite:///path/to/file.db' "
             "(three slashes before a relative path, four before an absolute one)."

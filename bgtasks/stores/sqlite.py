@@ -39,12 +39,13 @@ import psutil
 from .._errors import StoreError
 from .._ids import new_id
 from .._task import FINISHED, ErrorInfo, Progress, TaskRecord
+from ._journal import JournalEntry
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
     from .._task import TaskHandle
 
-__all__ = ["ClaimedTask", "JournalEntry", "SQLiteStore"]
+__all__ = ["ClaimedTask", "SQLiteStore"]
 
 logger = logging.getLogger("bgtasks")
 
@@ -119,20 +120,6 @@ _ORPHAN = "(owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires_a
 
 _STOP = object()
 _WAKE = object()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One accepted call, written before the caller gets its handle."""
-
-    id: str
-    name: str
-    created_at: float
-    durable: bool
-    target: str | None = None
-    payload: str | None = None
-    options: str | None = None
-    idempotency_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -280,18 +267,8 @@ class SQLiteStore:
         if not ids:
             return
         self._parked.update(ids)
-        owner = self.owner
-
-        def release(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            conn.executemany(
-                f"UPDATE tasks SET status = 'pending', owner = NULL, updated_at = ? "
-                f"WHERE id = ? AND owner = ? AND {_OPEN}",
-                [(now, task_id, owner) for task_id in ids],
-            )
-
         try:
-            await asyncio.wrap_future(self.submit(release))
+            await asyncio.wrap_future(self.release(ids))
         except StoreError:
             logger.exception(
                 "bgtasks: could not put %d durable task(s) back in the queue; the next "
@@ -319,12 +296,34 @@ class SQLiteStore:
         self._queue.put((op, fut))
         return fut
 
-    def journal(self, entry: JournalEntry) -> concurrent.futures.Future[ClaimedTask | None]:
-        """Insert ``entry``. The future's result is None once committed, or the
-        existing task's row when another task already holds the idempotency key."""
+    @property
+    def journal_timeout(self) -> float:
+        return self.busy_timeout + 10.0
+
+    def release(self, ids: Sequence[str]) -> concurrent.futures.Future[None]:
+        """Put these tasks of ours back in the queue, unowned: the next look claims them."""
         owner = self.owner
 
-        def insert(conn: sqlite3.Connection) -> ClaimedTask | None:
+        def release(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(
+                f"UPDATE tasks SET status = 'pending', owner = NULL, updated_at = ? "
+                f"WHERE id = ? AND owner = ? AND {_OPEN}",
+                [(now, task_id, owner) for task_id in ids],
+            )
+
+        for task_id in ids:
+            self._journaled.discard(task_id)
+        return self.submit(release)
+
+    def journal(
+        self, runtime: Runtime, entry: JournalEntry
+    ) -> concurrent.futures.Future[TaskRecord | None]:
+        """Insert ``entry``. The future's result is None once committed, or the
+        record of the task that already holds the idempotency key."""
+        owner = self.owner
+
+        def insert(conn: sqlite3.Connection) -> TaskRecord | None:
             now = time.time()
             cur = conn.execute(
                 _JOURNAL,
@@ -344,19 +343,17 @@ class SQLiteStore:
             if cur.rowcount == 1 or entry.idempotency_key is None:
                 return None
             row = conn.execute(
-                "SELECT id, name, created_at, attempts, target, payload, options, progress "
-                "FROM tasks WHERE name = ? AND idempotency_key = ?",
+                f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE name = ? AND idempotency_key = ?",
                 (entry.name, entry.idempotency_key),
             ).fetchone()
             if row is None:  # pragma: no cover - the insert conflicted on this very key
                 msg = f"the idempotency key {entry.idempotency_key!r} conflicted but has no task"
                 raise StoreError(msg)
-            return _claimed(row)
+            return _record(row)
 
-        fut = self.submit(insert)
         if entry.durable:
             self._journaled.add(entry.id)
-        return fut
+        return self.submit(insert)
 
     def forget_journal(self, task_id: str) -> None:
         """The journal write failed or was superseded: not one of ours."""
@@ -368,7 +365,7 @@ class SQLiteStore:
 
     def claim(self, limit: int) -> concurrent.futures.Future[list[ClaimedTask]]:
         """Take up to ``limit`` orphaned durable tasks; fail orphaned non-durable ones."""
-        owner, lease, max_crashes = self.owner, self.lease, self.max_crashes
+        owner, max_crashes = self.owner, self.max_crashes
 
         def claim(conn: sqlite3.Connection) -> list[ClaimedTask]:
             now = time.time()
@@ -425,7 +422,6 @@ class SQLiteStore:
                 out.append(_claimed(row))
             return out
 
-        del lease
         return self.submit(claim)
 
     def expire(self, runtime: Runtime, cutoff: float) -> None:
@@ -743,7 +739,10 @@ def _store_error(exc: BaseException, path: str) -> BaseException:
             f"{path}-wal and {path}-shm beside it), or point store= at another path."
         )
     elif "disk" in text and ("full" in text or "I/O" in text):
-        msg = f"the task store {path!r} could not be written ({text}); free disk space or check the disk."
+        msg = (
+            f"the task store {path!r} could not be written ({text}); free disk space or "
+            "check the disk."
+        )
     else:
         msg = f"the task store {path!r} failed: {type(exc).__name__}: {text}"
     err = StoreError(msg)

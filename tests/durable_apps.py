@@ -1,0 +1,88 @@
+"""Durable task functions and a tiny FastAPI app for the durability tests.
+
+The functions are module-level so that a runtime (in this process or another)
+can import them by ``durable_apps:<name>`` when it replays the journal.
+
+The app is configured by environment variables, read at import:
+
+- ``BGTASKS_STORE``: the store URL (default ``memory``);
+- ``BGTASKS_GATE``: a path; ``gated`` tasks wait until it exists;
+- ``BGTASKS_GRACE``: the runtime's ``shutdown_grace`` (default 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+import bgtasks
+from bgtasks.asgi import BackgroundMiddleware
+
+GATE = Path(os.environ.get("BGTASKS_GATE", "/nonexistent/bgtasks-gate"))
+
+
+class Order(BaseModel):
+    sku: str
+    qty: int = 1
+
+
+@bgtasks.background(durable=True)
+async def gated(n: int) -> dict[str, Any]:
+    """Wait for the gate file, then answer with who ran it."""
+    while not GATE.exists():
+        await asyncio.sleep(0.02)
+    return {"n": n, "pid": os.getpid()}
+
+
+@bgtasks.background(durable=True)
+async def double(n: int) -> int:
+    return n * 2
+
+
+@bgtasks.background(durable=True)
+def place(order: Order, note: str = "", *, urgent: bool = False) -> dict[str, Any]:
+    return {"sku": order.sku, "qty": order.qty, "note": note, "urgent": urgent}
+
+
+@bgtasks.background(durable=True, retries=2)
+async def always_fails() -> None:
+    raise RuntimeError("always fails")
+
+
+@bgtasks.background(durable=True)
+async def forever(n: int) -> None:
+    await asyncio.Event().wait()
+
+
+@bgtasks.background
+async def not_durable(n: int) -> int:
+    return n
+
+
+# ---------------------------------------------------------------------- the app
+runtime = bgtasks.Runtime(
+    store=os.environ.get("BGTASKS_STORE", "memory"),
+    shutdown_grace=float(os.environ.get("BGTASKS_GRACE", "5")),
+)
+app = FastAPI()
+app.add_middleware(BackgroundMiddleware, runtime=runtime)
+
+
+@app.get("/_ready")
+async def ready() -> dict[str, Any]:
+    return {"pid": os.getpid(), "started": runtime.started, "time": time.time()}
+
+
+@app.post("/work")
+@bgtasks.background(durable=True, name="durable_apps.work")
+async def work(n: int) -> dict[str, Any]:
+    """The endpoint itself is the durable task: 202 once it is journaled."""
+    while not GATE.exists():
+        await asyncio.sleep(0.02)
+    return {"n": n, "pid": os.getpid()}
