@@ -592,6 +592,7 @@ class ProcessPool:
         cpu_time: float | None,
         memory: int | None,
         on_progress: ProgressCallback | None = None,
+        on_cpu_warning: Callable[[], None] | None = None,
         task_id: str = "",
         name: str = "",
         attempt: int = 1,
@@ -600,7 +601,12 @@ class ProcessPool:
 
         An async ``fn`` runs under ``asyncio.run`` in the worker. ``cpu_time``
         (CPU seconds) and ``memory`` (bytes of address space) bound this call
-        only. See the module docstring for what each failure raises.
+        only. ``on_progress(done, total, message)`` receives the task's progress
+        and ``on_cpu_warning()`` is called once the task has used 90% of
+        ``cpu_time`` (best effort: the worker checks every 50 ms); both run on
+        the event loop, and an exception from them is logged. ``task_id``,
+        ``name`` and ``attempt`` are what ``worker_task()`` shows in the worker.
+        See the module docstring for what each failure raises.
         """
         slots = self._bind()
         label = name or _label(fn)
@@ -618,7 +624,7 @@ class ProcessPool:
             worker = await self._checkout()
             keep = False
             try:
-                reply = await self._exchange(worker, request, on_progress)
+                reply = await self._exchange(worker, request, on_progress, on_cpu_warning)
                 keep = reply[0] in ("ok", "err", "load", "bad_result")
             except BaseException:
                 # Cancelled (a wall-clock limit, a user cancel, shutdown): the task
@@ -633,7 +639,11 @@ class ProcessPool:
         return self._settle(reply, worker, label, cpu_time, memory)
 
     async def _exchange(
-        self, worker: _Worker, request: bytes, on_progress: ProgressCallback | None
+        self,
+        worker: _Worker,
+        request: bytes,
+        on_progress: ProgressCallback | None,
+        on_cpu_warning: Callable[[], None] | None,
     ) -> tuple[Any, ...]:
         inbox = worker.inbox
         worker.send(request)
@@ -642,13 +652,15 @@ class ProcessPool:
             if message is None:
                 code = await worker.wait_exit(_EXIT_AFTER_EOF)
                 return ("died", code)
-            if message[0] != "progress":
+            kind = message[0]
+            if kind == "progress":
+                if on_progress is not None:
+                    _call_safely(on_progress, *message[1:])
+            elif kind == "cpu_warning":
+                if on_cpu_warning is not None:
+                    _call_safely(on_cpu_warning)
+            else:
                 return message
-            if on_progress is not None:
-                try:
-                    on_progress(message[1], message[2], message[3])
-                except Exception:
-                    logger.exception("bgtasks: a progress callback raised; ignoring it")
 
     def _settle(
         self,
@@ -844,6 +856,13 @@ class ProcessPool:
             await asyncio.wait(late, timeout=_TERMINATE_GRACE)
         for worker in workers:
             worker.close_channel()
+
+
+def _call_safely(callback: Callable[..., None], *args: Any) -> None:
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("bgtasks: a callback of ProcessPool.run raised; ignoring it")
 
 
 def _rebuild_error(reply: tuple[Any, ...]) -> BaseException:

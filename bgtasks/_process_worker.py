@@ -6,7 +6,8 @@ over a socket. Frames are an 8-byte big-endian length and a pickle. Requests::
     ("run", task_id, name, attempt, cpu_time, memory, payload)
 
 where ``payload`` pickles ``(ref, fn, args, kwargs)``. The worker answers with
-any number of ``("progress", done, total, message)`` and then exactly one of::
+any number of ``("progress", done, total, message)`` and at most one
+``("cpu_warning",)`` (90% of the CPU budget used), then exactly one of::
 
     ("ok", result_pickle)
     ("err", exception_pickle_or_None, type_name, message, traceback_text, reason)
@@ -53,6 +54,7 @@ __all__ = ["HEADER", "PROTOCOL", "frame", "main"]
 HEADER = struct.Struct("!Q")
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the parent is alive
+_CPU_CHECK_INTERVAL = 0.05  # seconds between checks for the CPU warning during a task
 
 
 def frame(message: tuple[Any, ...]) -> bytes:
@@ -121,36 +123,50 @@ class _Channel:
 
 
 class _TaskState:
-    """What the worker is running now, for progress and ``worker_task()``."""
+    """What the worker runs now: for progress, the CPU warning and ``worker_task()``.
+
+    Other threads (the task's own, the watcher) send progress and warnings; the
+    lock makes sure none is sent after the task's reply, where the parent would
+    take it for news of the next task.
+    """
 
     def __init__(self, channel: _Channel, pool_side: Any) -> None:
         self._channel = channel
         self._pool_side = pool_side
-        self.running = False
+        self._lock = threading.Lock()
+        self._running = False
+        self.warn_at: float | None = None  # process CPU seconds at 90% of the budget
 
     def begin(self, task_id: str, name: str, attempt: int) -> None:
         self._pool_side._worker_task = self._pool_side.WorkerTask(
             id=task_id, name=name, attempt=attempt
         )
-        self.running = True
+        with self._lock:
+            self._running = True
 
     def end(self) -> None:
-        self.running = False
+        with self._lock:
+            self._running = False
+            self.warn_at = None
         self._pool_side._worker_task = None
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
-        # A thread the task left behind may report after the task ended: drop
-        # that, so it is not taken for the progress of the next task.
-        if not self.running:
-            return
-        self._channel.send(
-            (
-                "progress",
-                float(done),
-                None if total is None else float(total),
-                None if message is None else str(message),
-            )
+        update = (
+            "progress",
+            float(done),
+            None if total is None else float(total),
+            None if message is None else str(message),
         )
+        with self._lock:
+            if self._running:
+                self._channel.send(update)
+
+    def check_cpu(self) -> None:
+        """Send the CPU warning once the task has used 90% of its budget."""
+        with self._lock:
+            if self.warn_at is not None and time.process_time() >= self.warn_at:
+                self.warn_at = None
+                self._channel.send(("cpu_warning",))
 
 
 class _Budget:
@@ -159,6 +175,7 @@ class _Budget:
     def __init__(self, cpu_time: float | None, memory: int | None) -> None:
         self.cpu_time = cpu_time
         self.memory = memory
+        self.cpu_start = 0.0
         self._saved: list[tuple[int, tuple[int, int]]] = []
         self._timer = False
 
@@ -166,7 +183,7 @@ class _Budget:
         import resource
 
         if self.cpu_time is not None:
-            used = time.process_time()
+            self.cpu_start = used = time.process_time()
             # The kernel checks RLIMIT_CPU in whole seconds: round up so it never
             # fires before the budget; the itimer is the precise limit.
             self._lower(resource.RLIMIT_CPU, math.ceil(used + self.cpu_time))
@@ -252,7 +269,9 @@ async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
-def _run_one(request: tuple[Any, ...], state: _TaskState) -> tuple[tuple[Any, ...], bool]:
+def _run_one(
+    request: tuple[Any, ...], state: _TaskState, watcher: _Watcher
+) -> tuple[tuple[Any, ...], bool]:
     """Run one request; return the reply and whether the worker should exit."""
     _, task_id, name, attempt, cpu_time, memory, payload = request
     try:
@@ -267,6 +286,9 @@ def _run_one(request: tuple[Any, ...], state: _TaskState) -> tuple[tuple[Any, ..
     state.begin(task_id, name, attempt)
     try:
         budget.apply()
+        if cpu_time is not None:
+            state.warn_at = budget.cpu_start + 0.9 * cpu_time
+            watcher.wake()
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
@@ -287,27 +309,49 @@ def _run_one(request: tuple[Any, ...], state: _TaskState) -> tuple[tuple[Any, ..
     return ("ok", data), False
 
 
-def _watch_parent(fd: int) -> None:
-    """Exit when the parent dies, even while a task runs.
+class _Watcher:
+    """A thread that ends the worker when its parent dies and sends the CPU warning.
 
     The parent never writes during a task, so the socket only reports hang-up
     (its end closed: the parent exited or retired us). A changed parent pid
     covers a parent whose socket end lives on in a process it forked.
     """
-    ppid = os.getppid()
-    poller = select.poll()
-    poller.register(fd, 0)  # 0: only POLLHUP, POLLERR and POLLNVAL are reported
 
-    def watch() -> None:
+    def __init__(self, fd: int, state: _TaskState) -> None:
+        self._state = state
+        self._ppid = os.getppid()
+        self._wake_r, self._wake_w = os.pipe()
+        self._poller = select.poll()
+        self._poller.register(fd, 0)  # 0: only POLLHUP, POLLERR and POLLNVAL are reported
+        self._poller.register(self._wake_r, select.POLLIN)
+        threading.Thread(target=self._run, name="bgtasks-worker-watch", daemon=True).start()
+
+    def wake(self) -> None:
+        """Look at ``state.warn_at`` again now (a task with a CPU budget started)."""
+        os.write(self._wake_w, b"!")
+
+    def _run(self) -> None:
         while True:
-            events = poller.poll(_PARENT_CHECK_INTERVAL * 1000)
-            if events or os.getppid() != ppid:
-                for stream in (sys.stdout, sys.stderr):
-                    with contextlib.suppress(Exception):
-                        stream.flush()
-                os._exit(0)
+            warn_at = self._state.warn_at
+            if warn_at is None:
+                timeout = _PARENT_CHECK_INTERVAL
+            else:
+                timeout = min(max(warn_at - time.process_time(), 0.005), _CPU_CHECK_INTERVAL)
+            for fd, _ in self._poller.poll(timeout * 1000):
+                if fd != self._wake_r:
+                    self._exit()
+                os.read(self._wake_r, 64)
+            if os.getppid() != self._ppid:
+                self._exit()
+            with contextlib.suppress(OSError):
+                self._state.check_cpu()
 
-    threading.Thread(target=watch, name="bgtasks-parent-watch", daemon=True).start()
+    @staticmethod
+    def _exit() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
 
 
 def main(sock: socket.socket) -> None:
@@ -323,12 +367,12 @@ def main(sock: socket.socket) -> None:
 
     channel = _Channel(sock)
     state = _TaskState(channel, pool_side)
-    _watch_parent(sock.fileno())
+    watcher = _Watcher(sock.fileno(), state)
     pool_side._in_worker = True
     pool_side.child_progress_sink = state.progress
     try:
         while (request := channel.recv()) is not None:
-            reply, leave = _run_one(request, state)
+            reply, leave = _run_one(request, state, watcher)
             channel.send(reply)
             if leave:
                 break

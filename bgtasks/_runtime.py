@@ -156,6 +156,7 @@ class Runtime:
         memory_limit: int | str | None = None,
         store: str | Store = "memory",
         retention: float = 3600.0,
+        max_finished: int = 100_000,
         backoff: Backoff | None = None,
         max_threads: int = 40,
         memory_check_interval: float = 0.1,
@@ -174,6 +175,7 @@ class Runtime:
         _positive_int_or_none(max_pending, "max_pending")
         _positive_int_or_none(max_concurrency, "max_concurrency")
         _positive_int_or_none(max_threads, "max_threads")
+        _positive_int_or_none(max_finished, "max_finished")
         _positive_int_or_none(process_pool_size, "process_pool_size")
         for value, what in (
             (shutdown_grace, "shutdown_grace"),
@@ -189,6 +191,7 @@ class Runtime:
         self.shutdown_grace = float(shutdown_grace)
         self.memory_limit = parse_size(memory_limit, what="memory_limit")
         self.retention = float(retention)
+        self.max_finished = max_finished
         self.backoff = backoff or Backoff()
         self.max_threads = max_threads
         self.memory_check_interval = float(memory_check_interval)
@@ -291,8 +294,7 @@ class Runtime:
                 )
                 await self.store.before_cancel(self, leftover)
                 for t in leftover:
-                    if t._task is not None:
-                        t._task.cancel()
+                    self._stop(t, None)
                 # Cancelled coroutines finish at once; a thread stuck in a system call is
                 # abandoned after a short wait (see _in_thread).
                 await self._wait_idle(5.0)
@@ -543,7 +545,7 @@ class Runtime:
             self._foreign -= 1
         t._task = asyncio.get_running_loop().create_task(self._run(t))
         if t._status == "cancelled":  # cancelled before it was spawned
-            t._task.cancel()
+            self._cancel_task(t, t._task)
 
     # ------------------------------------------------------------------ running
     async def _run(self, t: TaskHandle) -> None:
@@ -780,7 +782,10 @@ class Runtime:
         if status != "failed":
             self.store.save(t)
         if self.retention > 0:
-            self._finished.append((now, t._id))
+            finished = self._finished
+            finished.append((now, t._id))
+            if len(finished) > self.max_finished:  # memory before history
+                self._registry.pop(finished.popleft()[1], None)
         else:
             self._registry.pop(t._id, None)
         self._unfinished -= 1
@@ -836,10 +841,27 @@ class Runtime:
         if ctl.slot is not None:
             ctl.slot.interrupt()  # a sync function in its thread
         if t._task is not None:
-            t._task.cancel()
+            self._cancel_task(t, t._task)
         elif t._status == "pending":
             # Admitted from another thread, not spawned yet: _spawn cancels it.
             t._status = "cancelled"
+
+    def _cancel_task(self, t: TaskHandle, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        # A task cancelled before its first step never runs _run at all: account
+        # for it when the asyncio task is done. (Only on this rare path, so the
+        # hot path has no done-callback.)
+        task.add_done_callback(lambda _: self._finish_unstarted(t))
+
+    def _finish_unstarted(self, t: TaskHandle) -> None:
+        if t._finished_at is not None:
+            return
+        work = t._work
+        if isinstance(work, Spec) and work.kind == "coro":
+            work = work.fn
+        if type(work) is _CoroutineType:
+            work.close()  # it never ran: no "never awaited" warning
+        self._finish(t, "cancelled")
 
     def _wall_warn(self, t: TaskHandle, limits: Limits, timer: list[list[Any]]) -> None:
         self._warn(t, "wall_clock")

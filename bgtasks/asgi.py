@@ -214,10 +214,9 @@ class BackgroundMiddleware:
         try:
             await rt.start()
         except Exception as exc:
-            logger.exception("bgtasks: the runtime failed to start")
             text = f"bgtasks: the runtime failed to start: {type(exc).__name__}: {exc}"
             await send({"type": "lifespan.startup.failed", "message": text})
-            return
+            raise  # as Starlette does: servers and test clients expect both
         self._ready = True
         self._lazy = False
         document_background_routes(scope.get("app"))

@@ -756,18 +756,18 @@ def test_yield_dependency_pattern_open_a_new_session_inside_the_task() -> None:
             return session.query(f"orders of {org_id}")
 
     @app.post("/wrong")
-    async def wrong(session: Annotated[Session, Depends(get_session)]) -> dict[str, str]:
+    async def wrong(session: Session = Depends(get_session)) -> dict[str, str]:  # noqa: B008
         return {"id": (await report_with(session)).id}
 
     @app.post("/right/{org_id}")
-    async def right(
-        org_id: int, session: Annotated[Session, Depends(get_session)]
-    ) -> dict[str, str]:
+    async def right(org_id: int, session: Session = Depends(get_session)) -> dict[str, str]:  # noqa: B008
         session.query("permissions")  # the request's session serves the request
         return {"id": (await report(org_id)).id}
 
     with TestClient(app) as client:
-        bad = finished(rt, client.post("/wrong").json()["id"])
+        r = client.post("/wrong")
+        assert r.status_code == 200, r.text
+        bad = finished(rt, r.json()["id"])
         good = finished(rt, client.post("/right/7").json()["id"])
     assert bad.status == "failed"
     assert bad.error is not None and bad.error.message == "session is closed"

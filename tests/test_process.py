@@ -124,11 +124,28 @@ async def test_unpicklable_argument_is_refused_before_a_worker_starts(pool: Proc
 
 @pytest.mark.anyio
 async def test_cpu_limit_stops_a_python_loop(pool: ProcessPool) -> None:
+    warnings: list[float] = []
     start = time.monotonic()
     with pytest.raises(CPULimitExceeded, match=r"CPU limit of 0\.5s"):
-        await run(pool, pf.spin_forever, cpu_time=0.5)
-    assert time.monotonic() - start < 0.5 + 1.5
+        await run(
+            pool,
+            pf.spin_forever,
+            cpu_time=0.5,
+            on_cpu_warning=lambda: warnings.append(time.monotonic()),
+        )
+    end = time.monotonic()
+    assert end - start < 0.5 + 1.5
+    assert len(warnings) == 1  # at 90% of the budget, before the end
+    assert start < warnings[0] < end
     assert await run(pool, pf.add, 1, 1) == 2
+
+
+@pytest.mark.anyio
+async def test_no_cpu_warning_within_budget(pool: ProcessPool) -> None:
+    warnings: list[None] = []
+    for _ in range(3):
+        await run(pool, pf.add, 1, 1, cpu_time=5.0, on_cpu_warning=lambda: warnings.append(None))
+    assert warnings == []
 
 
 @pytest.mark.anyio
@@ -272,7 +289,7 @@ async def test_a_failing_progress_callback_is_logged(
         raise RuntimeError("callback bug")
 
     assert await run(pool, pf.count_with_progress, 2, on_progress=broken) == 2
-    assert "progress callback raised" in caplog.text
+    assert "callback of ProcessPool.run raised" in caplog.text
 
 
 @pytest.mark.anyio

@@ -702,3 +702,36 @@ async def test_runtime_runs_once() -> None:
         pass
     with pytest.raises(RuntimeError, match="runs once"):
         await rt.start()
+
+
+async def test_cancel_before_first_step_is_accounted() -> None:
+    async with Runtime() as rt:
+
+        async def never() -> None:
+            raise AssertionError("must not run")
+
+        handle = rt.wait_until(never())
+        assert rt.cancel(handle.id) is True
+        record = await handle.wait(5)
+        assert record.status == "cancelled"
+        assert await rt.drain(5)
+
+
+async def test_cancel_from_thread_before_spawn() -> None:
+    async with Runtime() as rt:
+
+        def submit_and_cancel() -> bgtasks.TaskHandle:
+            handle = rt.wait_until(anyio.sleep, 30)
+            handle.cancel()
+            return handle
+
+        handle = await anyio.to_thread.run_sync(submit_and_cancel)
+        assert (await handle.wait(5)).status == "cancelled"
+        assert await rt.drain(5)
+
+
+async def test_max_finished_bounds_memory() -> None:
+    async with Runtime(max_finished=3) as rt:
+        handles = [rt.wait_until(anyio.lowlevel.checkpoint()) for _ in range(5)]
+        await rt.drain(5)
+        assert [rt.get(h.id) is not None for h in handles] == [False, False, True, True, True]

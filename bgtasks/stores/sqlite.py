@@ -261,6 +261,10 @@ class SQLiteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
+    async def flush(self) -> None:
+        """Wait until every record saved so far is committed (for tests and tools)."""
+        await asyncio.wrap_future(self.submit(_nothing))
+
     async def before_cancel(self, runtime: Runtime, tasks: Sequence[TaskHandle]) -> None:
         """Put unfinished durable tasks back in the queue, unowned, for the next start."""
         ids = [t._id for t in tasks if t._id in self._journaled]
@@ -636,6 +640,10 @@ class SQLiteStore:
 
 
 # ---------------------------------------------------------------------- helpers
+def _nothing(conn: sqlite3.Connection) -> None:
+    pass
+
+
 def _proc_started(pid: int) -> float:
     try:
         return float(psutil.Process(pid).create_time())

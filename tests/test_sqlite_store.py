@@ -1,0 +1,271 @@
+"""SQLiteStore: URLs, shared records, retention, claims, and its errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bgtasks
+from bgtasks.stores import Store, open_store
+from bgtasks.stores.memory import MemoryStore
+from bgtasks.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+
+def url(path: Path, query: str = "") -> str:
+    return f"sqlite:///{path}" + (f"?{query}" if query else "")
+
+
+def query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def execute(db: Path, sql: str, *args: Any) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(sql, args)
+        conn.commit()
+
+
+async def flush(rt: bgtasks.Runtime) -> None:
+    store = rt.store
+    assert isinstance(store, SQLiteStore)
+    await store.flush()
+
+
+async def make_db(db: Path) -> None:
+    async with bgtasks.Runtime(store=url(db)):
+        pass
+
+
+# ---------------------------------------------------------------------- URLs
+def test_from_url_paths_and_options(tmp_path: Path) -> None:
+    rel = SQLiteStore.from_url("sqlite:///data/tasks.db")
+    assert rel.path == "data/tasks.db"
+    absolute = SQLiteStore.from_url(f"sqlite:///{tmp_path}/t.db?lease=2&poll=0.5&max_crashes=1")
+    assert absolute.path == f"{tmp_path}/t.db"
+    assert (absolute.lease, absolute.poll, absolute.max_crashes) == (2.0, 0.5, 1)
+    assert isinstance(open_store(url(tmp_path / "x.db")), SQLiteStore)
+    assert isinstance(SQLiteStore("x.db"), Store)
+    assert isinstance(MemoryStore(), Store)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sqlite:///t.db?speed=3", "unknown SQLite store option 'speed'"),
+        ("sqlite:///t.db?lease=soon", "lease='soon'"),
+        ("sqlite:///t.db?lease=0", "lease must be a positive number"),
+        ("sqlite:///:memory:", "not an in-memory database"),
+        ("sqlite://host/t.db", "no host part"),
+    ],
+)
+def test_from_url_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SQLiteStore.from_url(spec)
+
+
+def test_constructing_touches_no_file(tmp_path: Path) -> None:
+    # An app builds its Runtime at import, before gunicorn forks: nothing opens yet.
+    bgtasks.Runtime(store=url(tmp_path / "later.db"))
+    assert not (tmp_path / "later.db").exists()
+
+
+# ---------------------------------------------------------------------- records
+async def test_wal_schema_and_records_of_every_task(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+
+    async def job(x: int) -> int:
+        bgtasks.current_task().report_progress(1, 2, "half")  # type: ignore[union-attr]
+        return x + 1
+
+    async with bgtasks.Runtime(store=url(db)) as rt:
+        h = rt.wait_until(job, 41)
+        await h.wait(5)
+        await flush(rt)
+        assert query(db, "PRAGMA journal_mode") == [("wal",)]
+        assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        row = query(db, "SELECT status, result, attempts, progress, durable FROM tasks")
+        assert row == [("succeeded", "42", 1, '{"done":1.0,"total":2.0,"message":"half"}', 0)]
+        # The store's own reader gives the same record as the runtime's memory.
+        assert rt.store.load(h.id) == h.record
+
+
+async def test_another_runtime_reads_the_record(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    async with bgtasks.Runtime(store=url(db)) as a, bgtasks.Runtime(store=url(db)) as b:
+        go = asyncio.Event()
+
+        async def job() -> str:
+            await go.wait()
+            return "done"
+
+        h = a.wait_until(job)
+        await asyncio.sleep(0)  # let it start
+        await flush(a)
+        seen = b.get(h.id)
+        assert seen is not None and seen.status == "running"
+        assert b.handle(h.id) is None  # b only reads it
+        go.set()
+        await h.wait(5)
+        await flush(a)
+        done = b.get(h.id)
+        assert done is not None
+        assert (done.status, done.result, done.finished_at) == (
+            "succeeded",
+            "done",
+            h.record.finished_at,
+        )
+        assert b.get("A" * 22) is None
+
+
+async def test_retention_deletes_finished_rows(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    async with bgtasks.Runtime(store=url(db), retention=0.01) as rt:
+        h = rt.wait_until(lambda: 1)
+        await h.wait(5)
+        await flush(rt)
+        assert query(db, "SELECT count(*) FROM tasks") == [(1,)]
+        time.sleep(0.02)
+        rt.expire()
+        await flush(rt)
+        assert query(db, "SELECT count(*) FROM tasks") == [(0,)]
+        assert rt.get(h.id) is None
+
+
+async def test_orphaned_non_durable_task_fails_as_crashed(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    await make_db(db)
+    now = time.time()
+    execute(
+        db,
+        "INSERT INTO tasks (id, name, status, created_at, attempts, owner, updated_at) "
+        "VALUES (?, 'job', 'running', ?, 1, 'ghost', ?)",
+        "B" * 22,
+        now,
+        now,
+    )
+    async with bgtasks.Runtime(store=url(db)) as rt:
+        record = rt.get("B" * 22)
+        assert record is not None and record.status == "failed"
+        assert record.error is not None and record.error.type == "WorkerCrashed"
+        assert "not durable" in record.error.message
+
+
+async def test_live_owner_keeps_its_tasks_until_its_lease_expires(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    await make_db(db)
+    now = time.time()
+    for task_id, owner, expires in (("C" * 22, "alive", now + 60), ("D" * 22, "gone", now - 1)):
+        execute(
+            db,
+            "INSERT INTO owners (id, host, pid, proc_started, expires_at) "
+            "VALUES (?, 'another-host', 1, 0, ?)",
+            owner,
+            expires,
+        )
+        execute(
+            db,
+            "INSERT INTO tasks (id, name, status, created_at, owner, updated_at, durable, "
+            "target, payload, options) VALUES (?, 'double', 'pending', ?, ?, ?, 1, "
+            "'durable_apps:double', '{\"n\": 21}', '{}')",
+            task_id,
+            now,
+            owner,
+            now,
+        )
+    async with bgtasks.Runtime(store=url(db)) as rt:
+        assert rt.handle("C" * 22) is None  # its owner's lease holds
+        h = rt.handle("D" * 22)
+        assert h is not None
+        assert (await h.wait(5)).result == 42
+    assert query(db, "SELECT status FROM tasks WHERE id = ?", "C" * 22) == [("pending",)]
+
+
+async def test_max_crashes_fails_a_task_that_keeps_killing_its_process(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    await make_db(db)
+    now = time.time()
+    execute(
+        db,
+        "INSERT INTO tasks (id, name, status, created_at, attempts, owner, updated_at, "
+        "durable, target, payload, options, crashes) VALUES (?, 'double', 'running', ?, 2, "
+        "'ghost', ?, 1, 'durable_apps:double', '{\"n\": 1}', '{}', 1)",
+        "E" * 22,
+        now,
+        now,
+    )
+    async with bgtasks.Runtime(store=url(db, "max_crashes=1")) as rt:
+        record = rt.get("E" * 22)
+        assert record is not None and record.status == "failed"
+        assert record.error is not None and record.error.type == "WorkerCrashed"
+        assert "died 2 times" in record.error.message
+
+
+# ---------------------------------------------------------------------- errors
+async def test_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "t.db"
+    with pytest.raises(bgtasks.StoreError, match="does not exist") as info:
+        async with bgtasks.Runtime(store=url(path)):
+            pass
+    assert str(path.parent) in str(info.value)
+
+
+async def test_unwritable_path(tmp_path: Path) -> None:
+    # A directory where the file should be: SQLite cannot open it (even as root).
+    path = tmp_path / "t.db"
+    path.mkdir()
+    with pytest.raises(bgtasks.StoreError, match="cannot open the task store") as info:
+        async with bgtasks.Runtime(store=url(path)):
+            pass
+    assert "writable" in str(info.value)
+
+
+async def test_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    path.write_bytes(b"this is not a database, just text " * 200)
+    with pytest.raises(bgtasks.StoreError, match="not a SQLite database or is corrupt"):
+        async with bgtasks.Runtime(store=url(path)):
+            pass
+
+
+async def test_schema_from_a_newer_version(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    execute(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(bgtasks.StoreError, match="newer bgtasks") as info:
+        async with bgtasks.Runtime(store=url(db)):
+            pass
+    assert "upgrade bgtasks" in str(info.value)
+
+
+async def test_locked_database(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    await make_db(db)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        t0 = time.monotonic()
+        with pytest.raises(bgtasks.StoreError, match="stayed locked") as info:
+            async with bgtasks.Runtime(store=url(db, "busy_timeout=0.2")):
+                pass
+        assert time.monotonic() - t0 < 5
+        other.execute("ROLLBACK")
+    assert "busy_timeout" in str(info.value)
+
+
+async def test_store_outlives_a_runtime_that_failed_to_open(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    db.write_text("garbage " * 100)
+    with pytest.raises(bgtasks.StoreError):
+        async with bgtasks.Runtime(store=url(db)):
+            pass
+    db.unlink()
+    async with bgtasks.Runtime(store=url(db)) as rt:
+        assert json.loads(json.dumps(rt.stats()))["pending"] == 0
