@@ -127,10 +127,11 @@ class Codec:
             ann = hints.get(name, Any)
             typ: Any = pydantic.JsonValue if ann is Any else ann
             _check_storable(what, name, ann, typ)
+            # Arguments left out (defaults, an empty *args) stay out of the JSON.
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
-                typ = tuple[typ, ...]
+                typ = typing_extensions.NotRequired[tuple[typ, ...]]
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
-                typ = dict[str, typ]
+                typ = typing_extensions.NotRequired[dict[str, typ]]
             elif param.default is not inspect.Parameter.empty:
                 typ = typing_extensions.NotRequired[typ]
             fields[name] = typ

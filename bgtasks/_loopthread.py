@@ -107,9 +107,14 @@ class LoopThread:
     def _start(self) -> None:
         rt = self.runtime
         pid = os.getpid()
+        if self._started_in == pid:  # this process's thread: nothing to start
+            self._pid = pid
+            self._error = None
+            return
+        # A new process: the parent's thread, loop and errors do not exist here.
         self._thread = self._loop = self._stop_event = None
         self._error = None
-        if self._started_in is not None and self._started_in != pid:
+        if self._started_in is not None:
             self._pid = pid
             self._error = RuntimeError(
                 f"this bgtasks Runtime was started in process {self._started_in} before "

@@ -76,6 +76,7 @@ _START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_me
 _RETIRE_GRACE = 5.0  # seconds a retired worker has to exit before it is killed
 _TERMINATE_GRACE = 2.0  # seconds aclose() waits after SIGTERM before SIGKILL
 _EXIT_AFTER_EOF = 5.0  # seconds to wait for a worker that closed its socket to exit
+_LARGE = 1 << 20  # a message body past this size is read into a buffer of its own
 
 # ---------------------------------------------------------------- child side
 
@@ -318,7 +319,7 @@ def _encode_request(
     attempt: int,
     cpu_time: float | None,
     memory: int | None,
-) -> bytes:
+) -> list[bytes]:
     ref = _function_ref(fn)
     try:
         payload = pickle.dumps((ref, None if ref else fn, args, kwargs), _child.PROTOCOL)
@@ -330,7 +331,7 @@ def _encode_request(
             'isolation="process" needs a function importable by its module and name.'
         )
         raise TypeError(msg) from exc
-    return _child.frame(("run", task_id, name, attempt, cpu_time, memory, payload))
+    return _child.encode(("run", task_id, name, attempt, cpu_time, memory), payload)
 
 
 # ------------------------------------------------------------------- worker
@@ -356,11 +357,16 @@ class _Worker:
         self.idle_since = 0.0
         self.busy = False
         self.exited: asyncio.Future[int | None] = loop.create_future()
-        self.inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+        # (meta, blob) of each message from the worker; None once the channel closed
+        self.inbox: asyncio.Queue[tuple[tuple[Any, ...], memoryview] | None] = asyncio.Queue()
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
-        self._in = bytearray()
-        self._out = bytearray()
+        self._in = bytearray()  # received bytes not yet parsed
+        self._large: bytearray | None = None  # the body of a large message being read
+        self._large_meta = 0
+        self._got = 0
+        self._out: deque[memoryview] = deque()  # pieces not yet written
+        self._writing = False
         sock.setblocking(False)
         loop.add_reader(self._fd, self._on_readable)
         loop.add_reader(self.sentinel, self._on_exit)
@@ -370,66 +376,88 @@ class _Worker:
         return not self.exited.done() and self._sock is not None
 
     # -- the socket
-    def send(self, data: bytes) -> None:
-        sock = self._sock
-        if sock is None:
+    def send(self, parts: list[bytes]) -> None:
+        """Queue a message (the pieces from ``_child.encode``) and write what fits now."""
+        if self._sock is None:
             return  # the inbox already holds the end-of-channel marker
-        if not self._out:
+        self._out.extend(memoryview(part) for part in parts)
+        if not self._writing:
+            self._flush()
+            if self._out and self._sock is not None:
+                self._writing = True
+                self.loop.add_writer(self._fd, self._flush)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        out = self._out
+        while out and sock is not None:
+            part = out[0]
             try:
-                sent = sock.send(data)
+                sent = sock.send(part)
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                return
             except OSError:
                 self.close_channel()
                 return
-            if sent == len(data):
+            if sent < len(part):
+                out[0] = part[sent:]
                 return
-            self.loop.add_writer(self._fd, self._on_writable)
-            data = data[sent:]
-        self._out += data
-
-    def _on_writable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            sent = sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close_channel()
-            return
-        del self._out[:sent]
-        if not self._out:
+            out.popleft()
+        if self._writing:
+            self._writing = False
             self.loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
         sock = self._sock
         if sock is None:
             return
+        large = self._large
         try:
-            data = sock.recv(1 << 18)
+            if large is not None:
+                # A large message: read straight into its own buffer, no copies.
+                got = sock.recv_into(memoryview(large)[self._got :])
+            else:
+                data = sock.recv(1 << 18)
+                got = len(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            got = 0
+        if got == 0:
             self.close_channel()
+            return
+        if large is not None:
+            self._got += got
+            if self._got == len(large):
+                self._large = None
+                self._deliver(self._large_meta, large)
             return
         buf = self._in
         buf += data
-        size = _child.HEADER.size
-        while len(buf) >= size:
-            (n,) = _child.HEADER.unpack_from(buf)
-            if len(buf) < size + n:
-                break
-            body = bytes(buf[size : size + n])
-            del buf[: size + n]
-            try:
-                message = pickle.loads(body)
-            except Exception as exc:
-                message = ("corrupt", f"{type(exc).__name__}: {exc}")
-            self.inbox.put_nowait(message)
+        head = _child.HEADER.size
+        while len(buf) >= head:
+            meta_size, blob_size = _child.HEADER.unpack_from(buf)
+            end = head + meta_size + blob_size
+            if len(buf) >= end:
+                body = buf[head:end]
+                del buf[:end]
+                self._deliver(meta_size, body)
+                continue
+            if end - head > _LARGE:
+                large = bytearray(end - head)
+                self._got = len(buf) - head
+                large[: self._got] = memoryview(buf)[head:]
+                self._large, self._large_meta = large, meta_size
+                buf.clear()
+            break
+
+    def _deliver(self, meta_size: int, body: bytearray) -> None:
+        view = memoryview(body)
+        try:
+            meta = pickle.loads(view[:meta_size])
+        except Exception as exc:
+            meta = ("corrupt", f"{type(exc).__name__}: {exc}")
+        self.inbox.put_nowait((meta, view[meta_size:]))
 
     def close_channel(self) -> None:
         """Close our end (the worker then exits) and mark the end of its messages."""
@@ -438,9 +466,11 @@ class _Worker:
             return
         self._sock = None
         self.loop.remove_reader(self._fd)
-        if self._out:
+        if self._writing:
+            self._writing = False
             self.loop.remove_writer(self._fd)
-            self._out.clear()
+        self._out.clear()
+        self._large = None
         sock.close()
         self.inbox.put_nowait(None)
 
@@ -641,22 +671,22 @@ class ProcessPool:
     async def _exchange(
         self,
         worker: _Worker,
-        request: bytes,
+        request: list[bytes],
         on_progress: ProgressCallback | None,
         on_cpu_warning: Callable[[], None] | None,
-    ) -> tuple[Any, ...]:
+    ) -> tuple[tuple[Any, ...], memoryview]:
         inbox = worker.inbox
         worker.send(request)
         while True:
             message = await inbox.get()
             if message is None:
                 code = await worker.wait_exit(_EXIT_AFTER_EOF)
-                return ("died", code)
-            kind = message[0]
-            if kind == "progress":
+                return ("died", code), memoryview(b"")
+            meta = message[0]
+            if meta[0] == "progress":
                 if on_progress is not None:
-                    _call_safely(on_progress, *message[1:])
-            elif kind == "cpu_warning":
+                    _call_safely(on_progress, *meta[1:])
+            elif meta[0] == "cpu_warning":
                 if on_cpu_warning is not None:
                     _call_safely(on_cpu_warning)
             else:

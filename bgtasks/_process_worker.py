@@ -1,19 +1,19 @@
 """The child side of ``isolation="process"``: the loop each worker process runs.
 
 A worker serves one request at a time from its parent (``_process.ProcessPool``)
-over a socket. Frames are an 8-byte big-endian length and a pickle. Requests::
+over a socket. A message is a header (two 8-byte lengths), a small pickled
+tuple, the *meta*, and a *blob* of bytes that may be empty: large pickles travel
+as blobs so they are neither pickled twice nor copied into a bigger frame. The
+request is ``("run", task_id, name, attempt, cpu_time, memory)`` with the blob
+``pickle((ref, fn, args, kwargs))``. The worker answers with any number of
+``("progress", done, total, message)`` and at most one ``("cpu_warning",)``
+(90% of the CPU budget used), then exactly one of (blob in brackets)::
 
-    ("run", task_id, name, attempt, cpu_time, memory, payload)
-
-where ``payload`` pickles ``(ref, fn, args, kwargs)``. The worker answers with
-any number of ``("progress", done, total, message)`` and at most one
-``("cpu_warning",)`` (90% of the CPU budget used), then exactly one of::
-
-    ("ok", result_pickle)
-    ("err", exception_pickle_or_None, type_name, message, traceback_text, reason)
-    ("memory", traceback_text)              MemoryError under a memory limit
-    ("load", type_name, message, traceback_text)   the request could not be unpickled
-    ("bad_result", type_name, reason)       the result cannot be pickled
+    ("ok",) [result pickle]
+    ("err", type_name, message, traceback_text, reason) [exception pickle or empty]
+    ("memory", traceback_text)                    MemoryError under a memory limit
+    ("load", type_name, message, traceback_text)  the request could not be unpickled
+    ("bad_result", type_name, reason)             the result cannot be pickled
 
 Limits are per task and relative to what the worker had used before it:
 
@@ -49,18 +49,22 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["HEADER", "PROTOCOL", "frame", "main"]
+__all__ = ["HEADER", "PROTOCOL", "encode", "main"]
 
-HEADER = struct.Struct("!Q")
+HEADER = struct.Struct("!QQ")  # length of the meta pickle, length of the blob
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+_SMALL = 1 << 16  # a blob up to this size is sent in one piece with its header
 _PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the parent is alive
 _CPU_CHECK_INTERVAL = 0.05  # seconds between checks for the CPU warning during a task
 
 
-def frame(message: tuple[Any, ...]) -> bytes:
-    """One message as it goes on the wire."""
-    body = pickle.dumps(message, PROTOCOL)
-    return HEADER.pack(len(body)) + body
+def encode(meta: tuple[Any, ...], blob: bytes = b"") -> list[bytes]:
+    """One message as the pieces that go on the wire, in order."""
+    head = pickle.dumps(meta, PROTOCOL)
+    first = HEADER.pack(len(head), len(blob)) + head
+    if len(blob) <= _SMALL:
+        return [first + blob]
+    return [first, blob]
 
 
 def resolve(module: str, qualname: str, depth: int) -> Callable[..., Any]:
@@ -90,19 +94,20 @@ class _Channel:
         self._sock = sock
         self._lock = threading.Lock()
 
-    def recv(self) -> tuple[Any, ...] | None:
-        """The next request, or None once the parent has closed its end."""
+    def recv(self) -> tuple[tuple[Any, ...], memoryview] | None:
+        """The next message as (meta, blob), or None once the parent has closed its end."""
         header = self._read(HEADER.size)
         if header is None:
             return None
-        (size,) = HEADER.unpack(header)
-        body = self._read(size)
+        meta_size, blob_size = HEADER.unpack(header)
+        body = self._read(meta_size + blob_size)
         if body is None:
             return None
-        message: tuple[Any, ...] = pickle.loads(body)
-        return message
+        view = memoryview(body)
+        meta: tuple[Any, ...] = pickle.loads(view[:meta_size])
+        return meta, view[meta_size:]
 
-    def _read(self, size: int) -> bytes | None:
+    def _read(self, size: int) -> bytearray | None:
         buf = bytearray(size)
         view = memoryview(buf)
         got = 0
@@ -114,12 +119,13 @@ class _Channel:
             if n == 0:
                 return None
             got += n
-        return bytes(buf)
+        return buf
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        data = frame(message)
+    def send(self, meta: tuple[Any, ...], blob: bytes = b"") -> None:
+        parts = encode(meta, blob)
         with self._lock:
-            self._sock.sendall(data)
+            for part in parts:
+                self._sock.sendall(part)
 
 
 class _TaskState:
@@ -245,9 +251,12 @@ def _type_name_of(value: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _error_reply(exc: BaseException) -> tuple[Any, ...]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    data: bytes | None = None
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _error_reply(exc: BaseException) -> tuple[tuple[Any, ...], bytes]:
+    data = b""
     # Only an Exception goes back as itself: SystemExit or KeyboardInterrupt
     # raised in the parent's event loop would take the parent down.
     if isinstance(exc, Exception):
@@ -262,26 +271,29 @@ def _error_reply(exc: BaseException) -> tuple[Any, ...]:
             reason = ""
     else:
         reason = "it is not an Exception (only Exceptions are sent back as themselves)"
-    return ("err", data, _type_name_of(exc), str(exc), tb, reason)
+    return ("err", _type_name_of(exc), str(exc), _traceback(exc), reason), data
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
-def _run_one(
-    request: tuple[Any, ...], state: _TaskState, watcher: _Watcher
-) -> tuple[tuple[Any, ...], bool]:
-    """Run one request; return the reply and whether the worker should exit."""
-    _, task_id, name, attempt, cpu_time, memory, payload = request
-    try:
-        ref, fn, args, kwargs = pickle.loads(payload)
-        if ref is not None:
-            fn = resolve(*ref)
-    except BaseException as exc:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return ("load", _type_name_of(exc), str(exc), tb), False
+def _load(blob: memoryview) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    ref, fn, args, kwargs = pickle.loads(blob)
+    if ref is not None:
+        fn = resolve(*ref)
+    return fn, args, kwargs
 
+
+def _run(
+    meta: tuple[Any, ...],
+    call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
+    state: _TaskState,
+    watcher: _Watcher,
+) -> tuple[tuple[Any, ...], bytes, bool]:
+    """Run one task; return the reply (meta, blob) and whether the worker should exit."""
+    _, task_id, name, attempt, cpu_time, memory = meta
+    fn, args, kwargs = call
     budget = _Budget(cpu_time, memory)
     state.begin(task_id, name, attempt)
     try:
@@ -296,17 +308,16 @@ def _run_one(
         # Lift the limits before anything else allocates.
         budget.restore()
         if memory is not None and _caused_by_memory_error(exc):
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            return ("memory", tb), True
-        return _error_reply(exc), False
+            return ("memory", _traceback(exc)), b"", True
+        return (*_error_reply(exc), False)
     finally:
         budget.restore()
         state.end()
     try:
         data = pickle.dumps(result, PROTOCOL)
     except Exception as exc:
-        return ("bad_result", _type_name_of(result), f"{type(exc).__name__}: {exc}"), False
-    return ("ok", data), False
+        return ("bad_result", _type_name_of(result), f"{type(exc).__name__}: {exc}"), b"", False
+    return ("ok",), data, False
 
 
 class _Watcher:
@@ -371,9 +382,20 @@ def main(sock: socket.socket) -> None:
     pool_side._in_worker = True
     pool_side.child_progress_sink = state.progress
     try:
-        while (request := channel.recv()) is not None:
-            reply, leave = _run_one(request, state, watcher)
-            channel.send(reply)
+        while (message := channel.recv()) is not None:
+            meta, blob = message
+            del message
+            try:
+                call = _load(blob)
+            except BaseException as exc:
+                channel.send(("load", _type_name_of(exc), str(exc), _traceback(exc)))
+                continue
+            finally:
+                del blob  # the request's bytes: not kept alive during the task
+            reply, data, leave = _run(meta, call, state, watcher)
+            del call
+            channel.send(reply, data)
+            del data
             if leave:
                 break
     except OSError:

@@ -78,9 +78,13 @@ class Backoff:
                 raise ValueError(msg)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Spec:
-    """How to run one task: what to call and under which policy."""
+    """How to run one task: what to call and under which policy.
+
+    Not frozen: one is built per call of a ``@background`` function, and
+    frozen dataclasses are slow to construct.
+    """
 
     kind: Kind
     fn: Any = None
@@ -779,7 +783,7 @@ class Runtime:
         t._task = None
         t._work = None
         self._running.pop(t._id, None)
-        if status != "failed":
+        if status != "failed" and self._persist:
             self.store.save(t)
         if self.retention > 0:
             finished = self._finished

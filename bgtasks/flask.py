@@ -143,8 +143,7 @@ class BgTasks:
             view_func=_task_status,
             methods=["GET", "DELETE"],
         )
-        handlers = app.error_handler_spec.setdefault(None, {}).setdefault(None, {})
-        if RegistryFull not in handlers:  # leave a handler the app registered itself
+        if RegistryFull not in app.error_handler_spec[None][None]:  # leave a handler the app registered itself
             app.register_error_handler(RegistryFull, _overloaded)
 
     def runtime_for(self, app: flask.Flask | None = None) -> Runtime:

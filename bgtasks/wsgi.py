@@ -83,12 +83,20 @@ class BackgroundMiddleware:
             if task_id is not None:
                 return self._status(rt, routes, task_id, environ, start_response)
             environ[_PREFIX_KEY] = routes.prefix
+        started = False
+
+        def start(status: str, headers: Any, exc_info: Any = None) -> Any:
+            nonlocal started
+            started = True
+            return start_response(status, headers, exc_info)
+
         rt_token = _context.active_runtime.set(rt)
         responder_token = _context.responder.set(self._responder(environ))
         try:
-            return self.app(environ, start_response)
+            return self.app(environ, start)
         except RegistryFull as exc:
-            return _send(_http.overloaded(exc), start_response, sys.exc_info())
+            # Once the app has called start_response, only exc_info may replace it.
+            return _send(_http.overloaded(exc), start_response, sys.exc_info() if started else None)
         finally:
             _context.responder.reset(responder_token)
             _context.active_runtime.reset(rt_token)

@@ -128,6 +128,7 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.kill()
+        self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
 
 

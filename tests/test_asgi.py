@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -21,8 +21,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import bgtasks
-from bgtasks.asgi import BackgroundMiddleware, accepted_response, document_background_routes
 from bgtasks._ids import new_id
+from bgtasks.asgi import BackgroundMiddleware, accepted_response, document_background_routes
 from bgtasks.stores import MemoryStore
 
 with warnings.catch_warnings():
@@ -302,7 +302,14 @@ def test_status_routes_read_cancel_and_refuse_bad_ids() -> None:
         unknown = new_id()  # well formed, never issued
         assert client.get(f"{PREFIX}/{unknown}").status_code == 404
         assert client.delete(f"{PREFIX}/{unknown}").status_code == 404
-        for bad in ("abc", "x" * 5000, "..%2F..%2Fetc", f"{done['id']}/extra", "%00" * len(unknown), ""):
+        for bad in (
+            "abc",
+            "x" * 5000,
+            "..%2F..%2Fetc",
+            f"{done['id']}/extra",
+            "%00" * len(unknown),
+            "",
+        ):
             r = client.get(f"{PREFIX}/{bad}")
             assert r.status_code == 404, (bad, r.status_code)
             assert r.json() == {"detail": "Task not found"}
@@ -473,9 +480,7 @@ def test_document_background_routes_without_starting_the_app() -> None:
 
     before = app.openapi()["paths"]["/go"]["post"]["responses"]
     assert "200" in before  # status code not known yet, but the body is already TaskAccepted
-    assert before["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "TaskAccepted"
-    )
+    assert before["200"]["content"]["application/json"]["schema"]["$ref"].endswith("TaskAccepted")
     assert document_background_routes(app) == 1
     assert set(app.openapi()["paths"]["/go"]["post"]["responses"]) == {"202"}
     assert document_background_routes(app) == 0
@@ -614,7 +619,7 @@ def test_a_runtime_runs_one_lifespan_but_a_default_one_is_renewed() -> None:
             assert client.post("/job").status_code == 202
 
 
-async def plain_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def plain_asgi_app(scope: Any, receive: Any, send: Any) -> None:
     """An app that knows only HTTP, as many hand-written ASGI apps do."""
     assert scope["type"] == "http", "this app does not speak lifespan"
     handle = bgtasks.wait_until(asyncio.sleep(0, "slept"))
@@ -662,7 +667,7 @@ async def test_without_lifespan_the_first_request_starts_the_runtime_and_warns_o
 
 
 def test_testclient_without_with_gives_a_clear_error() -> None:
-    app, rt = make_app()
+    app, _ = make_app()
 
     @app.post("/job")
     @bgtasks.background

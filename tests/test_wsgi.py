@@ -25,6 +25,8 @@ from bgtasks.wsgi import BackgroundMiddleware, accepted
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+Make = Callable[..., BackgroundMiddleware]
 
 
 @pytest.fixture
@@ -70,7 +72,7 @@ def finished(mw: BackgroundMiddleware, task_id: str) -> bgtasks.TaskRecord:
     return handle.wait_sync(5)
 
 
-def test_runtime_starts_on_the_first_request(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_runtime_starts_on_the_first_request(make: Make) -> None:
     mw = make(lambda environ, sr: text("200 OK", "hi", sr))
     assert not mw.runtime.started
     assert Client(mw).get("/").status_code == 200
@@ -79,7 +81,7 @@ def test_runtime_starts_on_the_first_request(make: Callable[..., BackgroundMiddl
     assert any(t.daemon for t in threads)
 
 
-def test_wait_until_and_the_standard_202(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_wait_until_and_the_standard_202(make: Make) -> None:
     mw = make(scheduling_app(lambda a, b: a + b, 2, 3))
     r = Client(mw).post("/work", environ_overrides={"SCRIPT_NAME": "/app"})
     assert r.status_code == 202
@@ -95,7 +97,7 @@ def test_wait_until_and_the_standard_202(make: Callable[..., BackgroundMiddlewar
     assert r.get_json()["result"] == 5
 
 
-def test_wait_until_a_coroutine(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_wait_until_a_coroutine(make: Make) -> None:
     async def compute() -> str:
         await asyncio.sleep(0)
         return "from the loop"
@@ -113,7 +115,7 @@ def test_wait_until_a_coroutine(make: Callable[..., BackgroundMiddleware]) -> No
 
 
 def test_background_function_returns_a_handle_in_plain_wsgi(
-    make: Callable[..., BackgroundMiddleware],
+    make: Make,
 ) -> None:
     @bgtasks.background
     def double(x: int) -> int:
@@ -132,7 +134,7 @@ def test_background_function_returns_a_handle_in_plain_wsgi(
     assert finished(mw, task_id).result == 42
 
 
-def test_status_routes(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_status_routes(make: Make) -> None:
     release = threading.Event()
     mw = make(scheduling_app(release.wait, 5))
     client = Client(mw)
@@ -156,20 +158,24 @@ def test_status_routes(make: Callable[..., BackgroundMiddleware]) -> None:
     assert r.get_json()["status"] == "succeeded"
 
 
-def test_delete_cancels_a_running_task(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_delete_cancels_a_running_task(make: Make) -> None:
+    running = threading.Event()
+
     async def forever() -> None:
+        running.set()
         await asyncio.Event().wait()
 
     mw = make(scheduling_app(forever))
     client = Client(mw)
     task_id = client.post("/").get_json()["id"]
+    assert running.wait(5)
     r = client.delete(f"/_bgtasks/tasks/{task_id}")
     assert r.status_code == 202
     assert finished(mw, task_id).status == "cancelled"
 
 
 def test_authorize_gets_the_environ_and_can_refuse(
-    make: Callable[..., BackgroundMiddleware],
+    make: Make,
 ) -> None:
     calls: list[tuple[str, str]] = []
 
@@ -188,7 +194,7 @@ def test_authorize_gets_the_environ_and_can_refuse(
 
 
 def test_an_async_authorize_is_refused_with_the_fix(
-    make: Callable[..., BackgroundMiddleware],
+    make: Make,
 ) -> None:
     async def authorize(environ: Environ, record: bgtasks.TaskRecord, action: str) -> bool:
         return True
@@ -200,7 +206,7 @@ def test_an_async_authorize_is_refused_with_the_fix(
         client.get(f"/_bgtasks/tasks/{task_id}")
 
 
-def test_registry_full_is_503_with_retry_after(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_registry_full_is_503_with_retry_after(make: Make) -> None:
     release = threading.Event()
     mw = make(scheduling_app(release.wait, 5), runtime=bgtasks.Runtime(max_pending=1))
     client = Client(mw)
@@ -212,13 +218,13 @@ def test_registry_full_is_503_with_retry_after(make: Callable[..., BackgroundMid
     release.set()
 
 
-def test_status_prefix_none_serves_no_routes(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_status_prefix_none_serves_no_routes(make: Make) -> None:
     mw = make(lambda environ, sr: text("200 OK", environ["PATH_INFO"], sr), status_prefix=None)
     r = Client(mw).get("/_bgtasks/tasks/abc")
     assert r.get_data(as_text=True) == "/_bgtasks/tasks/abc"
 
 
-def test_custom_status_prefix(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_custom_status_prefix(make: Make) -> None:
     mw = make(scheduling_app(lambda: 1), status_prefix="/jobs")
     client = Client(mw)
     location = client.post("/").headers["Location"]
@@ -226,7 +232,7 @@ def test_custom_status_prefix(make: Callable[..., BackgroundMiddleware]) -> None
     assert client.get(location).status_code == 200
 
 
-def test_stop_drains_and_fires_beforeunload(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_stop_drains_and_fires_beforeunload(make: Make) -> None:
     rt = bgtasks.Runtime(shutdown_grace=10)
     reasons: list[str] = []
     rt.on("beforeunload", lambda event: reasons.append(event.reason))
@@ -243,7 +249,7 @@ def test_stop_drains_and_fires_beforeunload(make: Callable[..., BackgroundMiddle
     assert "shutting down" in r.get_json()["detail"]
 
 
-def test_stop_cancels_what_outlives_the_grace(make: Callable[..., BackgroundMiddleware]) -> None:
+def test_stop_cancels_what_outlives_the_grace(make: Make) -> None:
     async def forever() -> None:
         await asyncio.Event().wait()
 
@@ -256,7 +262,7 @@ def test_stop_cancels_what_outlives_the_grace(make: Callable[..., BackgroundMidd
 
 
 def test_middlewares_sharing_a_runtime_share_its_loop_thread(
-    make: Callable[..., BackgroundMiddleware],
+    make: Make,
 ) -> None:
     rt = bgtasks.Runtime()
     first = make(scheduling_app(lambda: "a"), runtime=rt)
@@ -268,7 +274,7 @@ def test_middlewares_sharing_a_runtime_share_its_loop_thread(
 
 
 def test_a_fork_after_start_is_refused_with_the_fix(
-    make: Callable[..., BackgroundMiddleware], monkeypatch: pytest.MonkeyPatch
+    make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mw = make(lambda environ, sr: text("200 OK", "hi", sr))
     assert Client(mw).get("/").status_code == 200
@@ -281,7 +287,7 @@ def test_a_fork_after_start_is_refused_with_the_fix(
 
 
 def test_a_runtime_that_cannot_start_fails_the_request_clearly(
-    make: Callable[..., BackgroundMiddleware],
+    make: Make,
 ) -> None:
     rt = bgtasks.Runtime()
 

@@ -55,7 +55,7 @@ class MemoryStore:
     def journal(
         self, runtime: Runtime, entry: JournalEntry
     ) -> concurrent.futures.Future[TaskRecord | None]:
-        fut = concurrent.futures.Future[TaskRecord | None]()
+        fut: concurrent.futures.Future[TaskRecord | None] = concurrent.futures.Future()
         key = entry.idempotency_key
         existing = None
         if key is not None:

@@ -1,0 +1,226 @@
+"""HTTP throughput of five ways to keep work running after the response.
+
+    python -m bench.http                 # from the repository root
+    python -m bench.http --duration 3 --runs 3 --connections 32
+
+Starts uvicorn (1 worker, ``--no-access-log``) on one FastAPI app that has
+``BackgroundMiddleware`` installed and five routes whose background work is
+the same small coroutine:
+
+- ``/plain``       no background work (the ceiling);
+- ``/bgtasks``     FastAPI ``BackgroundTasks`` (runs after the response, in the request's task);
+- ``/create_task`` a raw ``asyncio.create_task`` kept in a set (no id, no status, no limits);
+- ``/wait_until``  ``bgtasks.wait_until(coro)``, returning the task id;
+- ``/background``  a ``@bgtasks.background`` endpoint answering 202 + Location.
+
+Each route is loaded with ``wrk`` (Debian package ``wrk``; a small asyncio
+load generator stands in when it is missing) for ``--duration`` seconds,
+routes interleaved, ``--runs`` times; printed: median requests/s per route
+and the ratios the project targets (``@background`` >= 1.15x
+``BackgroundTasks`` and >= 0.95x ``create_task``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's folder would come first on sys.path, and this
+# file's name would hide the standard library's ``http`` package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from typing import Any  # noqa: E402
+
+ROUTES = ("plain", "bgtasks", "create_task", "wait_until", "background")
+ROOT = os.path.dirname(_HERE)
+
+
+async def work(n: int) -> int:
+    """The background work of every route: a little arithmetic and one await."""
+    await asyncio.sleep(0)
+    return sum(range(n))
+
+
+def make_app() -> Any:
+    """The benchmarked app (``uvicorn --factory bench.http:make_app``)."""
+    from fastapi import BackgroundTasks, FastAPI
+
+    import bgtasks
+    from bgtasks.asgi import BackgroundMiddleware
+
+    app = FastAPI()
+    app.add_middleware(BackgroundMiddleware)
+    keep: set[asyncio.Task[Any]] = set()
+
+    @app.get("/plain")
+    async def plain() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/bgtasks")
+    async def with_background_tasks(tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(work, 20)
+        return {"ok": True}
+
+    @app.get("/create_task")
+    async def with_create_task() -> dict[str, bool]:
+        task = asyncio.create_task(work(20))
+        keep.add(task)
+        task.add_done_callback(keep.discard)
+        return {"ok": True}
+
+    @app.get("/wait_until")
+    async def with_wait_until() -> dict[str, str]:
+        return {"id": bgtasks.wait_until(work(20)).id}
+
+    @app.get("/background")
+    @bgtasks.background
+    async def with_background() -> int:
+        return await work(20)
+
+    return app
+
+
+# ---------------------------------------------------------------------- load
+def run_wrk(url: str, duration: float, connections: int) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", url],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors on {url}:\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None:
+        raise SystemExit(f"cannot read wrk's output:\n{out}")
+    return float(match.group(1))
+
+
+def run_python_load(url: str, duration: float, connections: int) -> float:
+    """A keep-alive HTTP/1.1 GET loop over ``connections`` sockets (no wrk)."""
+    host_port, path = url.removeprefix("http://").split("/", 1)
+    host, port = host_port.split(":")
+    request = f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\n\r\n".encode()
+
+    async def client(deadline: float) -> int:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        n = 0
+        try:
+            while time.monotonic() < deadline:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.1 202")):
+                    raise SystemExit(f"unexpected answer from {url}: {head[:40]!r}")
+                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                n += 1
+        finally:
+            writer.close()
+        return n
+
+    async def main() -> float:
+        began = time.monotonic()
+        counts = await asyncio.gather(*(client(began + duration) for _ in range(connections)))
+        return sum(counts) / (time.monotonic() - began)
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "bench.http:make_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/plain", timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit("uvicorn exited before serving") from None
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("uvicorn did not start within 30 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--runs", type=int, default=3, help="rounds over the five routes")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--python-load", action="store_true", help="do not use wrk")
+    args = parser.parse_args()
+
+    use_wrk = shutil.which("wrk") is not None and not args.python_load
+    load = run_wrk if use_wrk else run_python_load
+    tool = "wrk -t1" if use_wrk else "asyncio load generator"
+    port = free_port()
+    proc = start_server(port)
+    results: dict[str, list[float]] = {route: [] for route in ROUTES}
+    try:
+        for route in ROUTES:  # warm up every route once
+            load(f"http://127.0.0.1:{port}/{route}", 1.0, args.connections)
+        for _ in range(args.runs):
+            for route in ROUTES:
+                rps = load(f"http://127.0.0.1:{port}/{route}", args.duration, args.connections)
+                results[route].append(rps)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    median = {route: statistics.median(values) for route, values in results.items()}
+    print(
+        f"uvicorn, 1 worker, --no-access-log; {tool}, {args.connections} connections, "
+        f"{args.duration:g} s per run, median of {args.runs} interleaved runs"
+    )
+    print(f"{'route':<14}{'req/s':>10}   runs")
+    for route in ROUTES:
+        runs = ", ".join(f"{v:.0f}" for v in results[route])
+        print(f"/{route:<13}{median[route]:>10.0f}   {runs}")
+    vs_tasks = median["background"] / median["bgtasks"]
+    vs_create = median["background"] / median["create_task"]
+    print(f"@background / BackgroundTasks: {vs_tasks:.2f}x (target >= 1.15x)")
+    print(f"@background / create_task:     {vs_create:.2f}x (target >= 0.95x)")
+    print(f"wait_until  / create_task:     {median['wait_until'] / median['create_task']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The ASGI adapter under real servers (uvicorn, hypercorn) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from serverutil import Server, free_port, python_argv, wait_for
+
+pytestmark = pytest.mark.server
+
+WAIT = 10.0
+
+
+def uvicorn(port: int, evidence: Path, **env: str) -> Server:
+    argv = python_argv("-m", "uvicorn", "asgi_apps:app", "--host", "127.0.0.1", "--port", str(port))
+    return Server(argv, port=port, env={"BGTASKS_EVIDENCE": str(evidence), **env})
+
+
+def lines(evidence: Path) -> list[str]:
+    return evidence.read_text().splitlines() if evidence.exists() else []
+
+
+def has(evidence: Path, *wanted: str) -> bool:
+    got = lines(evidence)
+    return all(w in got for w in wanted)
+
+
+def follow_until_finished(client: httpx.Client, location: str) -> dict[str, object]:
+    record: dict[str, object] = {}
+
+    def finished() -> bool:
+        nonlocal record
+        record = client.get(location).json()
+        return record["status"] in ("succeeded", "failed", "cancelled")
+
+    wait_for(finished, WAIT, f"{location} to finish")
+    return record
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    evidence = tmp_path_factory.mktemp("asgi") / "evidence.txt"
+    with uvicorn(free_port(), evidence, BGTASKS_MAX_PENDING="3") as srv:
+        yield srv, evidence
+
+
+def test_202_then_location_reports_succeeded(shared: tuple[Server, Path]) -> None:
+    srv, _ = shared
+    with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
+        r = client.post("/sleep", params={"seconds": 0.05, "tag": "flow"})
+        assert r.status_code == 202
+        assert r.headers["location"] == r.json()["status_url"]
+        record = follow_until_finished(client, r.headers["location"])
+        assert record["status"] == "succeeded"
+        assert record["result"] == "flow"
+
+
+def test_overload_answers_503_with_retry_after(shared: tuple[Server, Path]) -> None:
+    srv, _ = shared
+    with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
+        held = []
+        try:
+            for i in range(3):
+                r = client.post("/sleep", params={"seconds": 60, "tag": f"hold{i}"})
+                assert r.status_code == 202
+                held.append(r.headers["location"])
+            r = client.post("/sleep", params={"seconds": 0, "tag": "refused"})
+            assert r.status_code == 503
+            assert int(r.headers["retry-after"]) >= 1
+            assert "max_pending" in r.json()["detail"]
+        finally:
+            for location in held:
+                client.delete(location)
+        for location in held:
+            assert follow_until_finished(client, location)["status"] == "cancelled"
+        assert client.post("/sleep", params={"seconds": 0, "tag": "again"}).status_code == 202
+
+
+def test_a_client_that_disconnects_at_once_does_not_cancel_the_task(
+    shared: tuple[Server, Path],
+) -> None:
+    srv, evidence = shared
+    request = (
+        b"POST /sleep?seconds=0.2&tag=gone HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: has(evidence, "start gone", "done gone"), WAIT, "the task to finish")
+    assert "cancelled gone" not in lines(evidence)
+
+
+def test_sigterm_drains_within_grace_and_cancels_what_outlasts_it(tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence.txt"
+    grace = 2.0
+    with uvicorn(free_port(), evidence, BGTASKS_GRACE=str(grace)) as srv:
+        for seconds, tag in ((0.8, "short"), (60, "long")):
+            r = httpx.post(f"{srv.url}/sleep", params={"seconds": seconds, "tag": tag})
+            assert r.status_code == 202
+        wait_for(lambda: has(evidence, "start short", "start long"), WAIT, "tasks to start")
+        began = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        code = srv.wait(grace + 6)
+        took = time.monotonic() - began
+        output = srv.output()
+    got = lines(evidence)
+    # uvicorn re-raises the signal after its graceful shutdown: -15 is a clean exit.
+    assert code in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert "beforeunload shutdown" in got, output
+    assert got.index("beforeunload shutdown") < got.index("done short")  # ran during the drain
+    assert "cancelled long" in got, output
+    assert "done long" not in got
+    assert grace - 0.5 < took < grace + 4, (took, output)
+
+
+def test_hypercorn_key_flow_and_drain(tmp_path: Path) -> None:
+    pytest.importorskip("hypercorn")
+    evidence = tmp_path / "evidence.txt"
+    port = free_port()
+    argv = python_argv("-m", "hypercorn", "asgi_apps:app", "--bind", f"127.0.0.1:{port}")
+    with Server(argv, port=port, env={"BGTASKS_EVIDENCE": str(evidence)}) as srv:
+        with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
+            r = client.post("/sleep", params={"seconds": 0.05, "tag": "hyper"})
+            assert r.status_code == 202
+            assert follow_until_finished(client, r.headers["location"])["status"] == "succeeded"
+            r = client.post("/sleep", params={"seconds": 0.5, "tag": "drained"})
+            assert r.status_code == 202
+        wait_for(lambda: has(evidence, "start drained"), WAIT, "the task to start")
+        srv.signal(signal.SIGTERM)
+        srv.wait(WAIT)
+    assert has(evidence, "done hyper", "beforeunload shutdown", "done drained")

@@ -1,0 +1,506 @@
+"""The Flask extension, in process with Flask's test client.
+
+The runtime runs on its real event-loop thread; every app is stopped at the
+end of its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask, current_app, g, jsonify, request, url_for
+from flask.testing import FlaskClient
+
+import bgtasks
+from bgtasks.flask import BgTasks, BgTasksState
+
+
+@pytest.fixture
+def apps() -> Iterator[list[Flask]]:
+    made: list[Flask] = []
+    yield made
+    for app in made:
+        state = app.extensions["bgtasks"]
+        assert state.middleware.stop(10), "the runtime did not stop"
+
+
+@pytest.fixture
+def make_app(apps: list[Flask]) -> Callable[..., Flask]:
+    def make(**options: Any) -> Flask:
+        app = Flask("t")
+        app.config["TESTING"] = True
+        config = options.pop("config", {})
+        app.config.update(config)
+        BgTasks(app, **options)
+        apps.append(app)
+        return app
+
+    return make
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+def runtime(app: Flask) -> bgtasks.Runtime:
+    state = app.extensions["bgtasks"]
+    assert isinstance(state, BgTasksState)
+    return state.runtime
+
+
+def finished(app: Flask, task_id: str) -> bgtasks.TaskRecord:
+    handle = runtime(app).handle(task_id)
+    assert handle is not None, f"unknown task {task_id}"
+    return handle.wait_sync(5)
+
+
+# --------------------------------------------------------------------------- installing
+def test_init_app_keeps_state_in_app_extensions(apps: list[Flask]) -> None:
+    ext = BgTasks()
+    app = Flask("t")
+    ext.init_app(app)
+    apps.append(app)
+    state = app.extensions["bgtasks"]
+    assert isinstance(state, BgTasksState)
+    assert isinstance(state.runtime, bgtasks.Runtime)
+    assert ext.runtime_for(app) is state.runtime
+    assert app not in vars(ext).values()
+    with app.app_context():
+        assert ext.runtime_for() is state.runtime
+    with pytest.raises(RuntimeError, match=r"already installed .* call init_app once"):
+        ext.init_app(app)
+
+
+def test_one_extension_many_apps_each_with_its_own_runtime(apps: list[Flask]) -> None:
+    ext = BgTasks()
+    first, second = Flask("a"), Flask("b")
+    for a in (first, second):
+        ext.init_app(a)
+        apps.append(a)
+    assert ext.runtime_for(first) is not ext.runtime_for(second)
+
+
+def test_runtime_from_config(make_app: Callable[..., Flask]) -> None:
+    app = make_app(
+        config={
+            "BGTASKS_SHUTDOWN_GRACE": 7.5,
+            "BGTASKS_MAX_PENDING": 3,
+            "BGTASKS_MAX_CONCURRENCY": 2,
+            "BGTASKS_STATUS_PREFIX": "/jobs",
+        }
+    )
+    rt = runtime(app)
+    assert (rt.shutdown_grace, rt.max_pending, rt.max_concurrency) == (7.5, 3, 2)
+
+    @app.post("/go")
+    @bgtasks.background
+    def go() -> None:
+        return None
+
+    r = app.test_client().post("/go")
+    assert r.headers["Location"].startswith("/jobs/")
+    assert app.test_client().get(r.headers["Location"]).status_code == 200
+
+
+def test_a_passed_runtime_is_used(make_app: Callable[..., Flask]) -> None:
+    rt = bgtasks.Runtime(shutdown_grace=1)
+    app = make_app(runtime=rt)
+    assert runtime(app) is rt
+
+
+def test_not_installed_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match=r"call BgTasks\(app\) first"):
+        BgTasks().runtime_for(Flask("bare"))
+
+
+# --------------------------------------------------------------------------- @background views
+def test_background_view_answers_202_and_runs_in_the_request_context(app: Flask) -> None:
+    release = threading.Event()
+    seen: dict[str, Any] = {}
+    torn_down: list[str] = []
+
+    @app.before_request
+    def who() -> None:
+        g.user = request.headers.get("X-User")
+
+    @app.teardown_request
+    def teardown(exc: BaseException | None) -> None:
+        torn_down.append(threading.current_thread().name)
+
+    @app.post("/reports/<int:year>")
+    @bgtasks.background
+    def report(year: int) -> dict[str, Any]:
+        assert release.wait(5)  # the request has ended by now
+        seen.update(
+            year=year,
+            json=request.get_json(),
+            header=request.headers["X-User"],
+            user=g.user,
+            app=current_app.name,
+            url=url_for("report", year=year + 1),
+            path=request.path,
+        )
+        return {"rows": 3}
+
+    client = app.test_client()
+    r = client.post("/reports/2024", json={"q": "x"}, headers={"X-User": "ada"})
+    assert r.status_code == 202
+    body = r.get_json()
+    assert set(body) == {"id", "status", "status_url"}
+    assert body["status_url"] == f"/_bgtasks/tasks/{body['id']}"
+    assert r.headers["Location"] == body["status_url"]
+    assert len(torn_down) == 1  # the request is over
+    release.set()
+
+    record = finished(app, body["id"])
+    assert record.status == "succeeded", record.error
+    assert record.result == {"rows": 3}
+    assert seen == {
+        "year": 2024,
+        "json": {"q": "x"},
+        "header": "ada",
+        "user": "ada",
+        "app": "t",
+        "url": "/reports/2025",
+        "path": "/reports/2024",
+    }
+    # The task had its own request context, torn down in the task's thread.
+    assert len(torn_down) == 2
+    assert torn_down[1].startswith("bgtasks-worker")
+
+
+def test_form_and_files_parsed_before_the_view_reach_the_task(app: Flask) -> None:
+    seen: dict[str, Any] = {}
+
+    @app.before_request
+    def csrf_like() -> None:
+        assert request.form.get("token") == "t0k"  # consumes the body stream
+
+    @app.post("/upload")
+    @bgtasks.background
+    def upload() -> None:
+        f = request.files["doc"]
+        seen.update(token=request.form["token"], name=f.filename, data=f.read())
+
+    r = app.test_client().post(
+        "/upload",
+        data={"token": "t0k", "doc": (io.BytesIO(b"file body"), "a.txt")},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 202
+    assert finished(app, r.get_json()["id"]).status == "succeeded"
+    assert seen == {"token": "t0k", "name": "a.txt", "data": b"file body"}
+
+
+def test_form_parsed_in_the_task(app: Flask) -> None:
+    @app.post("/form")
+    @bgtasks.background
+    def form() -> str:
+        return request.form["a"] + request.files["f"].read().decode()
+
+    r = app.test_client().post(
+        "/form",
+        data={"a": "x", "f": (io.BytesIO(b"yz"), "f.txt")},
+        content_type="multipart/form-data",
+    )
+    assert finished(app, r.get_json()["id"]).result == "xyz"
+
+
+def test_async_background_view(app: Flask) -> None:
+    @app.post("/async")
+    @bgtasks.background
+    async def work() -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"json": request.get_json(), "on_loop": threading.current_thread().name}
+
+    r = app.test_client().post("/async", json=[1, 2])
+    assert r.status_code == 202
+    record = finished(app, r.get_json()["id"])
+    assert record.result == {"json": [1, 2], "on_loop": "bgtasks-loop"}
+
+
+def test_view_return_values_become_json_results(app: Flask) -> None:
+    @app.post("/jsonify")
+    @bgtasks.background
+    def with_jsonify() -> Any:
+        return jsonify(ok=True)
+
+    @app.post("/tuple")
+    @bgtasks.background
+    def with_tuple() -> Any:
+        return {"made": 1}, 201
+
+    @app.post("/text")
+    @bgtasks.background
+    def with_text() -> str:
+        return "plain"
+
+    client = app.test_client()
+    results = [
+        finished(app, client.post(path).get_json()["id"]).result
+        for path in ("/jsonify", "/tuple", "/text")
+    ]
+    assert results == [{"ok": True}, {"made": 1}, "plain"]
+
+
+def test_decorators_above_background_still_answer_202(app: Flask) -> None:
+    def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def check(*args: Any, **kwargs: Any) -> Any:
+            if request.headers.get("X-User") is None:
+                return "who are you?", 401
+            return view(*args, **kwargs)
+
+        return check
+
+    @app.post("/guarded")
+    @login_required
+    @bgtasks.background
+    def guarded() -> str:
+        return "ran"
+
+    client = app.test_client()
+    assert client.post("/guarded").status_code == 401
+    r = client.post("/guarded", headers={"X-User": "ada"})
+    assert r.status_code == 202
+    assert finished(app, r.get_json()["id"]).result == "ran"
+
+
+def test_background_function_called_from_a_view_returns_a_handle(app: Flask) -> None:
+    @bgtasks.background
+    def send_email(to: str) -> str:
+        return f"{to} via {request.path}"
+
+    @app.post("/signup")
+    def signup() -> dict[str, str]:
+        handle = send_email("ada@example.com")
+        assert isinstance(handle, bgtasks.TaskHandle)
+        return {"task": handle.id}
+
+    r = app.test_client().post("/signup")
+    assert r.status_code == 200
+    record = finished(app, r.get_json()["task"])
+    assert record.result == "ada@example.com via /signup"
+
+
+def test_wait_until_from_a_sync_view(app: Flask) -> None:
+    def audit(action: str) -> str:
+        return f"{action} by {g.user} on {request.path}"
+
+    async def notify() -> str:
+        await asyncio.sleep(0)
+        return f"notified {current_app.name} {request.args['n']}"
+
+    @app.post("/act")
+    def act() -> dict[str, str]:
+        g.user = "ada"
+        first = bgtasks.wait_until(audit, "delete")
+        second = bgtasks.wait_until(notify())
+        return {"first": first.id, "second": second.id}
+
+    ids = app.test_client().post("/act?n=7").get_json()
+    first, second = finished(app, ids["first"]), finished(app, ids["second"])
+    assert first.result == "delete by ada on /act"
+    assert first.name.endswith("audit")
+    assert second.result == "notified t 7"
+    assert second.name.endswith("notify")
+
+
+def test_idempotency_key_header_returns_the_same_task(app: Flask) -> None:
+    @app.post("/charge")
+    @bgtasks.background
+    def charge() -> None:
+        return None
+
+    client = app.test_client()
+    first = client.post("/charge", headers={"Idempotency-Key": "k1"}).get_json()["id"]
+    again = client.post("/charge", headers={"Idempotency-Key": "k1"}).get_json()["id"]
+    other = client.post("/charge").get_json()["id"]
+    assert first == again != other
+
+
+def test_a_task_that_raises_fails_and_tears_down_with_the_error(app: Flask) -> None:
+    errors: list[BaseException | None] = []
+
+    @app.teardown_request
+    def teardown(exc: BaseException | None) -> None:
+        errors.append(exc)
+
+    @app.post("/boom")
+    @bgtasks.background(retries=1)
+    def boom() -> None:
+        raise ValueError(request.get_data(as_text=True))
+
+    runtime(app).backoff = bgtasks.Backoff(initial=0, max=0, jitter=0)
+    r = app.test_client().post("/boom", data="body")
+    record = finished(app, r.get_json()["id"])
+    assert record.status == "failed"
+    assert record.attempts == 2
+    assert record.error is not None and record.error.message == "body"  # re-read per attempt
+    task_errors = [e for e in errors if e is not None]
+    assert [str(e) for e in task_errors] == ["body", "body"]
+
+
+# --------------------------------------------------------------------------- status routes
+def _running_task(app: Flask) -> tuple[FlaskClient, str, threading.Event]:
+    release = threading.Event()
+    started = threading.Event()
+
+    @app.post("/hold")
+    @bgtasks.background
+    def hold() -> None:
+        started.set()
+        release.wait(5)
+
+    client = app.test_client()
+    task_id = client.post("/hold").get_json()["id"]
+    assert started.wait(5)
+    return client, task_id, release
+
+
+def test_status_routes_are_flask_routes(app: Flask) -> None:
+    @app.after_request
+    def cors(response: Any) -> Any:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    client, task_id, release = _running_task(app)
+    url = f"/_bgtasks/tasks/{task_id}"
+    with app.test_request_context():
+        assert url_for("bgtasks.task_status", task_id=task_id) == url
+    r = client.get(url)
+    assert (r.status_code, r.get_json()["status"]) == (200, "running")
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert client.head(url).status_code == 200
+    assert client.get("/_bgtasks/tasks/" + "A" * 24).status_code == 404
+    assert client.get("/_bgtasks/tasks/bad..id").status_code == 404
+    assert client.post(url).status_code == 405
+    release.set()
+    finished(app, task_id)
+    r = client.delete(url)
+    assert (r.status_code, r.get_json()["status"]) == (409, "succeeded")
+
+
+def test_delete_cancels(app: Flask) -> None:
+    client, task_id, release = _running_task(app)
+    try:
+        r = client.delete(f"/_bgtasks/tasks/{task_id}")
+        assert r.status_code == 202
+        assert finished(app, task_id).status == "cancelled"
+    finally:
+        release.set()
+
+
+def test_authorize_runs_in_the_status_request_context(make_app: Callable[..., Flask]) -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    def authorize(req: Any, record: bgtasks.TaskRecord, action: str) -> bool:
+        calls.append((req.method, action, current_app.name))
+        return bool(req.headers.get("X-User") == "owner")
+
+    app = make_app(authorize=authorize)
+
+    @app.post("/go")
+    @bgtasks.background
+    def go() -> int:
+        return 1
+
+    client = app.test_client()
+    r = client.post("/go")
+    url = r.headers["Location"]
+    finished(app, r.get_json()["id"])
+    assert client.get(url).status_code == 404
+    assert client.get(url, headers={"X-User": "owner"}).get_json()["result"] == 1
+    assert client.delete(url).status_code == 404
+    assert calls == [("GET", "read", "t"), ("GET", "read", "t"), ("DELETE", "cancel", "t")]
+
+
+def test_include_result_false_hides_results(make_app: Callable[..., Flask]) -> None:
+    app = make_app(include_result=False)
+
+    @app.post("/go")
+    @bgtasks.background
+    def go() -> str:
+        return "secret"
+
+    client = app.test_client()
+    r = client.post("/go")
+    finished(app, r.get_json()["id"])
+    assert "result" not in client.get(r.headers["Location"]).get_json()
+
+
+# --------------------------------------------------------------------------- overload, shutdown
+def test_registry_full_is_503_with_retry_after(make_app: Callable[..., Flask]) -> None:
+    app = make_app(config={"BGTASKS_MAX_PENDING": 1})
+    release = threading.Event()
+
+    @app.post("/hold")
+    @bgtasks.background
+    def hold() -> None:
+        release.wait(5)
+
+    @app.post("/plain")
+    def plain() -> str:
+        bgtasks.wait_until(release.wait, 5)
+        return "scheduled"
+
+    client = app.test_client()
+    try:
+        assert client.post("/hold").status_code == 202
+        for path in ("/hold", "/plain"):
+            r = client.post(path)
+            assert r.status_code == 503
+            assert r.headers["Retry-After"] == "1"
+            assert "max_pending=1" in r.get_json()["detail"]
+    finally:
+        release.set()
+
+
+def test_an_apps_own_registry_full_handler_is_kept(apps: list[Flask]) -> None:
+    app = Flask("t")
+
+    @app.errorhandler(bgtasks.RegistryFull)
+    def mine(exc: bgtasks.RegistryFull) -> tuple[str, int]:
+        return "busy, mine", 429
+
+    BgTasks(app, runtime=bgtasks.Runtime(max_pending=1))
+    apps.append(app)
+    release = threading.Event()
+
+    @app.post("/hold")
+    @bgtasks.background
+    def hold() -> None:
+        release.wait(5)
+
+    client = app.test_client()
+    client.post("/hold")
+    r = client.post("/hold")
+    release.set()
+    assert (r.status_code, r.get_data(as_text=True)) == (429, "busy, mine")
+
+
+def test_stop_drains_and_fires_beforeunload(app: Flask) -> None:
+    rt = runtime(app)
+    reasons: list[str] = []
+    rt.on("beforeunload", lambda event: reasons.append(event.reason))
+
+    @app.post("/slow")
+    @bgtasks.background
+    def slow() -> str:
+        threading.Event().wait(0.3)
+        return current_app.name
+
+    task_id = app.test_client().post("/slow").get_json()["id"]
+    assert BgTasks().stop(app, 10)
+    handle = rt.handle(task_id)
+    assert handle is not None and (handle.status, handle.record.result) == ("succeeded", "t")
+    assert reasons == ["shutdown"]
+    r = app.test_client().post("/slow")
+    assert r.status_code == 503
