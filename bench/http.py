@@ -43,6 +43,11 @@ import time  # noqa: E402
 import urllib.request  # noqa: E402
 from typing import Any  # noqa: E402
 
+from fastapi import BackgroundTasks, FastAPI  # noqa: E402
+
+import bgtasks  # noqa: E402
+from bgtasks.asgi import BackgroundMiddleware  # noqa: E402
+
 ROUTES = ("plain", "bgtasks", "create_task", "wait_until", "background")
 ROOT = os.path.dirname(_HERE)
 
@@ -53,13 +58,8 @@ async def work(n: int) -> int:
     return sum(range(n))
 
 
-def make_app() -> Any:
+def make_app() -> FastAPI:
     """The benchmarked app (``uvicorn --factory bench.http:make_app``)."""
-    from fastapi import BackgroundTasks, FastAPI
-
-    import bgtasks
-    from bgtasks.asgi import BackgroundMiddleware
-
     app = FastAPI()
     app.add_middleware(BackgroundMiddleware)
     keep: set[asyncio.Task[Any]] = set()

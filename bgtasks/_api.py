@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
@@ -207,6 +208,69 @@ class _Options(Generic[P, R]):
         return rt, Spec(self.kind, fn, args, kwargs, lim, self.retries)
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _respond(
+    opts: _Options[Any, Any],
+    responder: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limits: Limits | None,
+    key: str | None,
+) -> Any:
+    handle = await opts.schedule_async(args, kwargs, limits=limits, idempotency_key=key)
+    return responder.accepted(handle)
+
+
+class _Deferred:
+    """What an async ``@background`` endpoint returns when a journal write must
+    finish before the response: the framework awaits it and gets the 202."""
+
+    __slots__ = ("_coro",)
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._coro = coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self._coro.__await__()
+
+
+_awaitable_types: dict[type, type] = {}
+
+
+def _awaitable(response: Any) -> Any:
+    """``response``, made awaitable (awaiting it gives itself).
+
+    An async ``@background`` function's wrapper is a plain function (calling it
+    returns at once), but FastAPI sees the async original through
+    ``__wrapped__`` and awaits what the endpoint returns.
+    """
+    cls = type(response)
+    sub = _awaitable_types.get(cls)
+    if sub is None:
+
+        def __await__(self: Any) -> Generator[Any, Any, Any]:
+            return self
+            yield  # pragma: no cover - makes this a generator
+
+        sub = _awaitable_types[cls] = type(cls.__name__, (cls,), {"__await__": __await__})
+    try:
+        response.__class__ = sub
+    except TypeError:  # a type whose layout forbids it: wrap instead
+        return _Deferred(_ready(response))
+    return response
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
 def _qualname(fn: object) -> str:
     module = getattr(fn, "__module__", None)
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -218,43 +282,28 @@ def _make_wrapper(
 ) -> BackgroundFunction[P, R]:
     fn = opts.fn
 
-    def call(args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: Any) -> Any:
+    # Frameworks that see an async function (FastAPI looks through __wrapped__)
+    # await what the endpoint returns, on the event loop.
+    awaited = opts.kind == "async" or (opts.kind == "process" and inspect.iscoroutinefunction(fn))
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         responder = _context.responder.get()
+        endpoint = responder is not None and responder.is_endpoint(wrapper)
         key = idempotency_key
-        if responder is not None and key is None and responder.is_endpoint(wrapper):
-            key = responder.idempotency_key
+        if endpoint and key is None:
+            key = responder.idempotency_key  # type: ignore[union-attr]
+        if endpoint and awaited and _on_event_loop():
+            if opts.durable or key is not None:
+                # The journal write is awaited off the loop before the 202 goes out.
+                return _Deferred(_respond(opts, responder, args, kwargs, limits, key))
+            handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=key)
+            return _awaitable(responder.accepted(handle))  # type: ignore[union-attr]
         handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=key)
-        if responder is not None and responder.is_endpoint(wrapper):
-            return responder.accepted(handle)
+        if endpoint:
+            return responder.accepted(handle)  # type: ignore[union-attr]
         return handle
 
-    async def acall(args: tuple[Any, ...], kwargs: dict[str, Any], wrapper: Any) -> Any:
-        # Like call, but a journal write (durable task, idempotency key) is awaited.
-        responder = _context.responder.get()
-        key = idempotency_key
-        if responder is not None and key is None and responder.is_endpoint(wrapper):
-            key = responder.idempotency_key
-        if opts.durable or key is not None:
-            handle = await opts.schedule_async(args, kwargs, limits=limits, idempotency_key=key)
-        else:
-            handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=None)
-        if responder is not None and responder.is_endpoint(wrapper):
-            return responder.accepted(handle)
-        return handle
-
-    wrapper: Any
-    if opts.kind == "async" or (opts.kind == "process" and inspect.iscoroutinefunction(fn)):
-
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return await acall(args, kwargs, wrapper)
-
-    else:
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return call(args, kwargs, wrapper)
-
+    functools.update_wrapper(wrapper, fn)
     def using(
         *, idempotency_key: str | None = None, limits: Limits | None = None
     ) -> BackgroundFunction[P, R]:
@@ -271,15 +320,16 @@ def _make_wrapper(
     def submit(*args: Any, **kwargs: Any) -> TaskHandle:
         return opts.schedule(args, kwargs, limits=limits, idempotency_key=idempotency_key)
 
-    wrapper.using = using
-    wrapper.submit = submit
-    wrapper.options = opts
+    bf: Any = wrapper
+    bf.using = using
+    bf.submit = submit
+    bf.options = opts
     # FastAPI documents the route from the signature; the endpoint returns 202.
-    wrapper.__bgtasks__ = opts
+    bf.__bgtasks__ = opts
     sig = _endpoint_signature(fn)
     if sig is not None:
-        wrapper.__signature__ = sig
-    return wrapper  # type: ignore[no-any-return]
+        bf.__signature__ = sig
+    return bf  # type: ignore[no-any-return]
 
 
 def _endpoint_signature(fn: Callable[..., Any]) -> inspect.Signature | None:
@@ -328,9 +378,9 @@ def background(
 
     In a request handled by a bgtasks adapter, where the decorated function is
     the endpoint, the call answers ``202 Accepted`` with the status URL;
-    anywhere else it returns a ``TaskHandle``. An async function's wrapper is
-    async: ``await fn(...)`` returns at once. ``fn.submit(...)`` always returns
-    a handle, from sync or async code. ``fn.__wrapped__`` is the original.
+    anywhere else it returns a ``TaskHandle`` at once, for sync and async
+    functions alike. ``fn.submit(...)`` always returns a handle.
+    ``fn.__wrapped__`` is the original.
     """
 
     def decorate(f: Callable[P, R]) -> BackgroundFunction[P, R]:

@@ -297,7 +297,7 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
     if opts.durable:
         codec = _codec(opts.fn)
         args, kwargs, payload = codec.dump(opts.name, spec.args, spec.kwargs)
-        spec = dataclasses.replace(spec, args=args, kwargs=kwargs)
+        spec = Spec(spec.kind, spec.fn, args, kwargs, spec.limits, spec.retries)
         target = target_of(opts.fn)
         options = json.dumps(
             {

@@ -654,7 +654,7 @@ class ProcessPool:
             worker = await self._checkout()
             keep = False
             try:
-                reply = await self._exchange(worker, request, on_progress, on_cpu_warning)
+                reply, blob = await self._exchange(worker, request, on_progress, on_cpu_warning)
                 keep = reply[0] in ("ok", "err", "load", "bad_result")
             except BaseException:
                 # Cancelled (a wall-clock limit, a user cancel, shutdown): the task
@@ -666,7 +666,7 @@ class ProcessPool:
                 raise
             finally:
                 self._checkin(worker, keep)
-        return self._settle(reply, worker, label, cpu_time, memory)
+        return self._settle(reply, blob, worker, label, cpu_time, memory)
 
     async def _exchange(
         self,
@@ -695,6 +695,7 @@ class ProcessPool:
     def _settle(
         self,
         reply: tuple[Any, ...],
+        blob: memoryview,
         worker: _Worker,
         name: str,
         cpu_time: float | None,
@@ -703,7 +704,7 @@ class ProcessPool:
         kind = reply[0]
         if kind == "ok":
             try:
-                return pickle.loads(reply[1])
+                return pickle.loads(blob)
             except Exception as exc:
                 msg = (
                     f"the result of task {name!r} could not be unpickled in the parent "
@@ -712,7 +713,7 @@ class ProcessPool:
                 )
                 raise TypeError(msg) from exc
         if kind == "err":
-            raise _rebuild_error(reply)
+            raise _rebuild_error(reply, blob)
         if kind == "memory":
             msg = (
                 f"task {name!r} ran out of its memory limit of {memory} bytes "
@@ -895,12 +896,12 @@ def _call_safely(callback: Callable[..., None], *args: Any) -> None:
         logger.exception("bgtasks: a callback of ProcessPool.run raised; ignoring it")
 
 
-def _rebuild_error(reply: tuple[Any, ...]) -> BaseException:
-    _, data, type_name, text, tb, reason = reply
+def _rebuild_error(reply: tuple[Any, ...], blob: memoryview) -> BaseException:
+    _, type_name, text, tb, reason = reply
     remote = RemoteTraceback(tb)
-    if data is not None:
+    if blob:
         try:
-            exc = pickle.loads(data)
+            exc = pickle.loads(blob)
         except Exception as load_error:
             reason = (
                 f"it could not be unpickled ({type(load_error).__name__}: {load_error}); "

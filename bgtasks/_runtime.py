@@ -822,6 +822,9 @@ class Runtime:
     def cancel(self, task_id: str) -> bool:
         """Cancel a pending or running task. False if unknown or already finished."""
         t = self._registry.get(task_id)
+        if t is None and self._persist and isinstance(task_id, str):
+            # Another process's task, in a shared store: ask its owner to cancel it.
+            return self.store.request_cancel(task_id)
         if t is None or t._status in FINISHED:
             return False
         self._stop(t, None)

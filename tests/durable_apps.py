@@ -27,6 +27,10 @@ from bgtasks.asgi import BackgroundMiddleware
 GATE = Path(os.environ.get("BGTASKS_GATE", "/nonexistent/bgtasks-gate"))
 
 
+def gate_open() -> bool:
+    return GATE.exists()
+
+
 class Order(BaseModel):
     sku: str
     qty: int = 1
@@ -35,7 +39,7 @@ class Order(BaseModel):
 @bgtasks.background(durable=True)
 async def gated(n: int) -> dict[str, Any]:
     """Wait for the gate file, then answer with who ran it."""
-    while not GATE.exists():
+    while not gate_open():
         await asyncio.sleep(0.02)
     return {"n": n, "pid": os.getpid()}
 
@@ -83,6 +87,6 @@ async def ready() -> dict[str, Any]:
 @bgtasks.background(durable=True, name="durable_apps.work")
 async def work(n: int) -> dict[str, Any]:
     """The endpoint itself is the durable task: 202 once it is journaled."""
-    while not GATE.exists():
+    while not gate_open():
         await asyncio.sleep(0.02)
     return {"n": n, "pid": os.getpid()}

@@ -63,6 +63,26 @@ def allocate(size: int) -> int:
     return len(block)
 
 
+def limits_now() -> tuple[Any, ...]:
+    """The worker's CPU and address-space limits and its CPU timer."""
+    import resource
+
+    return (
+        resource.getrlimit(resource.RLIMIT_CPU),
+        resource.getrlimit(resource.RLIMIT_AS),
+        signal.getitimer(signal.ITIMER_PROF),
+        os.getpid(),
+    )
+
+
+def burn(seconds: float) -> float:
+    """Use ``seconds`` of CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return seconds
+
+
 def hard_exit(code: int) -> None:
     os._exit(code)
 

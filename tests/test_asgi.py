@@ -187,7 +187,7 @@ def test_background_function_called_inside_another_endpoint_returns_a_handle() -
 
     @app.post("/signup")
     async def signup(email: str) -> dict[str, str]:
-        handle = await send_email(email)
+        handle = send_email(email)
         assert isinstance(handle, bgtasks.TaskHandle)
         return {"email_task": handle.id}
 
@@ -762,12 +762,12 @@ def test_yield_dependency_pattern_open_a_new_session_inside_the_task() -> None:
 
     @app.post("/wrong")
     async def wrong(session: Session = Depends(get_session)) -> dict[str, str]:  # noqa: B008
-        return {"id": (await report_with(session)).id}
+        return {"id": report_with(session).id}
 
     @app.post("/right/{org_id}")
     async def right(org_id: int, session: Session = Depends(get_session)) -> dict[str, str]:  # noqa: B008
         session.query("permissions")  # the request's session serves the request
-        return {"id": (await report(org_id)).id}
+        return {"id": report(org_id).id}
 
     with TestClient(app) as client:
         r = client.post("/wrong")

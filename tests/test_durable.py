@@ -62,9 +62,7 @@ def takes_session(db: Session) -> None: ...
 def takes_callback(done: Any, cb: Any = None, *, then: Any = print) -> None: ...
 
 
-@pytest.mark.parametrize(
-    ("fn", "param"), [(takes_request, "request"), (takes_session, "db")]
-)
+@pytest.mark.parametrize(("fn", "param"), [(takes_request, "request"), (takes_session, "db")])
 def test_unstorable_parameter_is_refused_by_name(fn: Any, param: str) -> None:
     with pytest.raises(TypeError, match=f"parameter {param!r}") as info:
         bgtasks.background(durable=True)(fn)
@@ -90,8 +88,9 @@ def test_a_function_another_process_cannot_import_is_refused() -> None:
 
 
 def test_codec_round_trip_keeps_the_call_shape() -> None:
-    def fn(a: int, /, b: Order, c: str = "c", *rest: int, k: bool = False, **extra: float) -> None:
-        ...
+    def fn(
+        a: int, /, b: Order, c: str = "c", *rest: int, k: bool = False, **extra: float
+    ) -> None: ...
 
     codec = Codec.build(fn)
     assert codec is not None
@@ -141,7 +140,7 @@ async def test_bad_argument_is_refused_at_call_time_and_admits_nothing(tmp_path:
 # ---------------------------------------------------------------------- the journal
 async def test_journaled_before_the_call_returns(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
-    async with bgtasks.Runtime(store=url(db)) as rt:
+    async with bgtasks.Runtime(store=url(db)):
         # async wrapper (awaits the write), sync submit on the loop thread (a short
         # blocking write), and a sync call from a worker thread (waits for it).
         handles = [
@@ -205,23 +204,27 @@ CRASHER = textwrap.dedent(
 )
 
 
+def accept_then_die(db: Path, gate: Path) -> list[str]:
+    """Run CRASHER in a subprocess; kill -9 it once it has accepted its tasks."""
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}:{TESTS.parent}", "BGTASKS_GATE": str(gate)}
+    with subprocess.Popen(
+        [sys.executable, "-c", CRASHER, url(db)], stdout=subprocess.PIPE, env=env
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+    ids = line.decode().split()
+    assert len(ids) == 5, line
+    return ids
+
+
 async def test_replay_after_kill_9(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     gate = tmp_path / "gate"
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}:{TESTS.parent}", "BGTASKS_GATE": str(gate)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CRASHER, url(db)], stdout=subprocess.PIPE, env=env
-    )
-    try:
-        assert proc.stdout is not None
-        line = await anyio.to_thread.run_sync(proc.stdout.readline)
-        ids = line.decode().split()
-        assert len(ids) == 5, line
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    ids = await anyio.to_thread.run_sync(accept_then_die, db, gate)
     statuses = dict(query(db, "SELECT id, status FROM tasks"))
     assert sorted(statuses.values()) == ["pending"] * 3 + ["running"] * 2
 
@@ -235,7 +238,7 @@ async def test_replay_after_kill_9(tmp_path: Path) -> None:
             records = [await h.wait(5) for h in handles if h is not None]
     finally:
         durable_apps.GATE = Path("/nonexistent/bgtasks-gate")
-    assert [r.result["n"] for r in records] == list(range(5))  # type: ignore[index]
+    assert [r.result for r in records] == [{"n": n, "pid": os.getpid()} for n in range(5)]
     # Attempts count across processes: the two that were running start their second.
     assert sorted(r.attempts for r in records) == [1, 1, 1, 2, 2]
     assert query(db, "SELECT count(*) FROM owners") == [(0,)]
@@ -367,7 +370,7 @@ async def test_idempotency_key_held_by_another_runtime(tmp_path: Path) -> None:
         a, b = (bgtasks.Runtime(store=url(db), shutdown_grace=1) for _ in "ab")
         async with a, b:
             with_key = durable_apps.gated.using(idempotency_key="order-7")
-            owner = await with_key(7)  # on b, the innermost runtime
+            owner: bgtasks.TaskHandle = await with_key(7)  # on b, the innermost runtime
             assert b.handle(owner.id) is owner
             token = bgtasks._context.active_runtime.set(a)
             try:
@@ -379,7 +382,7 @@ async def test_idempotency_key_held_by_another_runtime(tmp_path: Path) -> None:
             assert seen.status in ("pending", "running")
             gate.touch()
             record = await seen.wait(5)  # read from the store
-            assert record.result == {"n": 7, "pid": record.result["pid"]}  # type: ignore[index]
-            assert seen.status == "succeeded"
+            assert record.result == {"n": 7, "pid": os.getpid()}
+            assert seen.record.status == "succeeded"
     finally:
         durable_apps.GATE = Path("/nonexistent/bgtasks-gate")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -124,6 +126,7 @@ async def test_unpicklable_argument_is_refused_before_a_worker_starts(pool: Proc
 
 @pytest.mark.anyio
 async def test_cpu_limit_stops_a_python_loop(pool: ProcessPool) -> None:
+    await run(pool, pf.pid)  # a warm worker: time only the task
     warnings: list[float] = []
     start = time.monotonic()
     with pytest.raises(CPULimitExceeded, match=r"CPU limit of 0\.5s"):
@@ -162,6 +165,15 @@ async def test_cpu_limit_is_relative_to_what_the_worker_used(pool: ProcessPool) 
     # The worker has already spent CPU on its start; a small budget still holds.
     first = await run(pool, pf.pid, cpu_time=0.2)
     assert await run(pool, pf.pid, cpu_time=0.2) == first
+
+
+@pytest.mark.anyio
+async def test_limits_end_with_the_task(pool: ProcessPool) -> None:
+    before = await run(pool, pf.limits_now)
+    assert await run(pool, pf.burn, 0.05, cpu_time=0.3, memory=100 * MiB) == 0.05
+    assert await run(pool, pf.limits_now) == before  # same worker, limits lifted
+    assert await run(pool, pf.burn, 0.5) == 0.5  # more than the last budget
+    assert await run(pool, pf.allocate, 200 * MiB) == 200 * MiB
 
 
 @pytest.mark.anyio
@@ -242,6 +254,62 @@ async def test_anyio_timeout_kills_the_worker() -> None:
         assert scope.cancelled_caught
         assert gone(pids[0])
         assert await run(pool, pf.pid) != pids[0]
+
+
+@pytest.mark.anyio
+async def test_cancellation_while_the_worker_starts() -> None:
+    async with ProcessPool(size=1) as pool:
+        task = asyncio.create_task(run(pool, pf.add, 1, 2))
+        await asyncio.sleep(0)  # now in the middle of starting a worker
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The worker that was starting is adopted and let go.
+        with anyio.fail_after(10):
+            while not pool.pids:
+                await anyio.sleep(0.01)
+            while pool.pids:
+                await anyio.sleep(0.05)
+        assert await run(pool, pf.add, 1, 2) == 3
+
+
+def test_workers_exit_when_the_parent_dies(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, os, signal, sys
+            sys.path.insert(0, sys.argv[1])
+            import process_funcs
+            from bgtasks._process import ProcessPool
+
+            def on_progress(done, total, message):
+                print(int(done), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            async def main():
+                await ProcessPool(size=1).run(
+                    process_funcs.report_pid_then_sleep, (60,), {},
+                    cpu_time=None, memory=None, on_progress=on_progress,
+                )
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).resolve().parent)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    worker = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(worker)
 
 
 @pytest.mark.anyio

@@ -415,7 +415,7 @@ async def test_unhandledrejection_exactly_once_after_last_attempt(
             raise RuntimeError("always")
 
         with caplog.at_level(logging.ERROR, logger="bgtasks"):
-            record = await (await flaky()).wait(5)
+            record = await flaky().wait(5)
             await rt.drain(5)
     assert record.attempts == 3
     assert len(events) == 1
@@ -509,7 +509,7 @@ async def test_limit_exceeded_is_not_retried() -> None:
         async def slow() -> None:
             await anyio.sleep(10)
 
-        record = await (await slow()).wait(5)
+        record = await slow().wait(5)
     assert record.attempts == 1
     assert record.error is not None and record.error.type == "WallClockLimitExceeded"
 
@@ -642,7 +642,7 @@ async def test_background_returns_handle_and_keeps_original() -> None:
 
         h1 = add(1, b=2)
         assert isinstance(h1, bgtasks.TaskHandle)
-        h2 = await mul(3, 4)
+        h2 = mul(3, 4)
         assert isinstance(h2, bgtasks.TaskHandle)
         assert h2.name == "mul"
         assert (await h1.wait(5)).result == 3
@@ -664,7 +664,7 @@ async def test_using_binds_limits() -> None:
         async def slow() -> None:
             await anyio.sleep(10)
 
-        record = await (await slow.using(limits=Limits(wall_clock=0.05))()).wait(5)
+        record = await slow.using(limits=Limits(wall_clock=0.05))().wait(5)
         assert record.error is not None and record.error.type == "WallClockLimitExceeded"
 
 

@@ -68,6 +68,10 @@ class Store(Protocol):
     def forget_journal(self, task_id: str) -> None:
         """``journal`` failed or found the key taken: the task will not run here."""
 
+    def request_cancel(self, task_id: str) -> bool:
+        """Cancel a task another process runs (shared stores only); False if it is
+        unknown or finished. Must not block: the owner cancels it soon after."""
+
 
 def open_store(spec: object) -> Store:
     """``"memory"``, ``"sqlite:///path.db"`` or a ``Store`` instance."""

@@ -69,3 +69,6 @@ class MemoryStore:
 
     def forget_journal(self, task_id: str) -> None:
         pass
+
+    def request_cancel(self, task_id: str) -> bool:
+        return False

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     payload TEXT,
     options TEXT,
     idempotency_key TEXT,
-    crashes INTEGER NOT NULL DEFAULT 0
+    crashes INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (name, idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -80,6 +81,8 @@ CREATE INDEX IF NOT EXISTS tasks_open
     ON tasks (created_at) WHERE status IN ('pending', 'running');
 CREATE INDEX IF NOT EXISTS tasks_finished
     ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_cancel
+    ON tasks (owner) WHERE cancel_requested = 1;
 CREATE TABLE IF NOT EXISTS owners (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -199,6 +202,7 @@ class SQLiteStore:
         self._readers_lock = threading.Lock()
         self._host = socket.gethostname()
         self._pid = os.getpid()
+        self._runtime: Runtime | None = None
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path!r}>"
@@ -233,6 +237,7 @@ class SQLiteStore:
     async def open(self, runtime: Runtime) -> None:
         if self._thread is not None:
             self._reset()
+        self._runtime = runtime
         self.owner = new_id()
         ready = concurrent.futures.Future[None]()
         self._thread = threading.Thread(
@@ -386,6 +391,11 @@ class SQLiteStore:
                 f"error = ? WHERE durable = 0 AND {_OPEN} AND {_ORPHAN}",
                 (now, now, crashed, now),
             )
+            conn.execute(
+                f"UPDATE tasks SET status = 'cancelled', finished_at = ?, updated_at = ? "
+                f"WHERE cancel_requested = 1 AND {_OPEN} AND {_ORPHAN}",
+                (now, now, now),
+            )
             if limit <= 0:
                 return []
             rows = conn.execute(
@@ -428,6 +438,52 @@ class SQLiteStore:
 
         return self.submit(claim)
 
+    def request_cancel(self, task_id: str) -> bool:
+        """Flag another process's task for cancelling; its owner looks every second.
+        A task nobody owns any more (its process died) is cancelled at once."""
+        if not self._open:
+            return False
+        try:
+            row = self._reader().execute(
+                "SELECT status FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise _store_error(exc, self.path) from exc
+        if row is None or row[0] in FINISHED:
+            return False
+
+        def flag(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            cur = conn.execute(
+                f"UPDATE tasks SET status = 'cancelled', finished_at = ?, updated_at = ? "
+                f"WHERE id = ? AND {_OPEN} AND {_ORPHAN}",
+                (now, now, task_id, now),
+            )
+            if cur.rowcount == 0:
+                conn.execute(
+                    f"UPDATE tasks SET cancel_requested = 1, updated_at = ? "
+                    f"WHERE id = ? AND {_OPEN}",
+                    (now, task_id),
+                )
+
+        self.submit(flag)
+        return True
+
+    def _check_cancels(self, conn: sqlite3.Connection) -> None:
+        """Cancel our tasks that another process asked to cancel."""
+        rt = self._runtime
+        ids = [
+            task_id
+            for (task_id,) in conn.execute(
+                f"SELECT id FROM tasks WHERE owner = ? AND cancel_requested = 1 AND {_OPEN}",
+                (self.owner,),
+            )
+        ]
+        if ids and rt is not None:
+            for task_id in ids:
+                if task_id not in self._parked and rt.handle(task_id) is not None:
+                    rt.cancel(task_id)  # thread-safe: it hops to the loop
+
     def expire(self, runtime: Runtime, cutoff: float) -> None:
         def delete(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -444,9 +500,11 @@ class SQLiteStore:
         if not self._open:
             return None
         try:
-            row = self._reader().execute(
-                f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
+            row = (
+                self._reader()
+                .execute(f"SELECT {_RECORD_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise _store_error(exc, self.path) from exc
         return None if row is None else _record(row)
@@ -455,7 +513,9 @@ class SQLiteStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None,
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,
                 check_same_thread=False,
             )
             conn.execute("PRAGMA query_only = 1")
@@ -520,8 +580,7 @@ class SQLiteStore:
                 "SELECT id, host, pid, proc_started, expires_at FROM owners WHERE id != ?",
                 (self.owner,),
             )
-            if expires < now - 86400
-            or (host == self._host and not _alive(pid, started))
+            if expires < now - 86400 or (host == self._host and not _alive(pid, started))
         ]
         if dead:
             conn.executemany("DELETE FROM owners WHERE id = ?", dead)
@@ -536,14 +595,26 @@ class SQLiteStore:
             return
         ready.set_result(None)
         beat_every = self.lease / 3
+        check_every = min(1.0, self.poll)
         next_beat = time.monotonic() + beat_every
+        next_check = time.monotonic() + check_every
         stopping = False
         try:
             while not stopping:
+                wait = min(next_beat, next_check) - time.monotonic()
                 try:
-                    items = [self._queue.get(timeout=max(0.0, next_beat - time.monotonic()))]
+                    items = [self._queue.get(timeout=max(0.0, wait))]
                 except queue.Empty:
                     items = []
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + check_every
+                    try:
+                        self._check_cancels(conn)
+                    except sqlite3.Error as exc:
+                        logger.warning(
+                            "bgtasks: could not look for cancel requests: %s",
+                            _store_error(exc, self.path),
+                        )
                 while len(items) < 1000:
                     try:
                         items.append(self._queue.get_nowait())

@@ -1,0 +1,122 @@
+"""A ``@background`` Flask route against a plain Flask route, under gunicorn.
+
+Run:  .venv/bin/python -m bench.flask_http [--duration 5] [--rounds 3]
+
+One gunicorn master with 1 gthread worker (4 threads) serves this module's
+``app``. ``wrk`` loads ``GET /plain`` (returns a small JSON body) and
+``GET /background`` (a ``@bgtasks.background`` view doing the same work as a
+task: it answers 202 and the runtime runs the view in a worker thread inside a
+copy of the request context), interleaved, ``--rounds`` times each; the
+median requests/s of each and their ratio are printed. Needs ``wrk``
+(``apt-get install -y wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flask import Flask
+
+import bgtasks
+from bgtasks.flask import BgTasks
+
+app = Flask(__name__)
+BgTasks(app)
+
+
+@app.get("/plain")
+def plain() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/background")
+@bgtasks.background
+def background() -> dict[str, bool]:
+    return {"ok": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"gunicorn did not answer {url} within {timeout}s")
+
+
+def _wrk(url: str, duration: float, threads: int, connections: int) -> tuple[float, str]:
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m is None:
+        raise SystemExit(f"cannot read wrk's output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return float(m.group(1)), non2xx.group(1) if non2xx else "0"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each route")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--connections", type=int, default=8, help="wrk connections")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+
+    port = _free_port()
+    here = Path(__file__).resolve().parent
+    argv = [
+        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread",
+        "--threads", "4", "-w", "1", "-b", f"127.0.0.1:{port}", "--chdir", str(here.parent),
+        "--log-level", "warning", "bench.flask_http:app",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(here.parent))
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base + "/plain")
+        _wrk(base + "/background", 1, args.threads, args.connections)  # warm up
+        _wrk(base + "/plain", 1, args.threads, args.connections)
+        results: dict[str, list[float]] = {"plain": [], "background": []}
+        for round_no in range(args.rounds):
+            for route in ("plain", "background"):
+                rps, non2xx = _wrk(f"{base}/{route}", args.duration, args.threads, args.connections)
+                results[route].append(rps)
+                print(f"round {round_no + 1} {route:>10}: {rps:9.0f} req/s  (non-2xx: {non2xx})")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+    plain_rps = statistics.median(results["plain"])
+    bg_rps = statistics.median(results["background"])
+    print(f"median plain      : {plain_rps:9.0f} req/s")
+    print(f"median @background: {bg_rps:9.0f} req/s")
+    print(f"ratio             : {bg_rps / plain_rps:9.2f}x  (target >= 0.90x)")
+
+
+if __name__ == "__main__":
+    main()
