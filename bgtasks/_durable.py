@@ -5,7 +5,7 @@ annotations and written to the store's journal (as JSON) before the call
 returns; a runtime that finds journaled work whose process is gone imports the
 function by its ``module:qualname`` and runs it again. Idempotency keys map
 ``(task name, key)`` to one task: in the store's unique index when the store is
-durable, in the runtime's memory otherwise.
+durable, in the memory store (per process) otherwise.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ How each outcome reaches the caller of ``ProcessPool.run``:
   the original type name, message and traceback;
 - over the CPU budget: the worker is terminated by the kernel (``SIGPROF`` from
   ``ITIMER_PROF``, or ``SIGXCPU`` from ``RLIMIT_CPU``) -> ``CPULimitExceeded``;
+  at 90% of it, ``on_cpu_warning`` is called;
 - over the memory budget (``RLIMIT_AS``): ``MemoryError`` in the task ->
   ``MemoryLimitExceeded``, and the worker is replaced;
 - the worker died (``os._exit``, a segfault, ``SIGKILL``) -> ``WorkerCrashed``;
@@ -77,6 +78,8 @@ _RETIRE_GRACE = 5.0  # seconds a retired worker has to exit before it is killed
 _TERMINATE_GRACE = 2.0  # seconds aclose() waits after SIGTERM before SIGKILL
 _EXIT_AFTER_EOF = 5.0  # seconds to wait for a worker that closed its socket to exit
 _LARGE = 1 << 20  # a message body past this size is read into a buffer of its own
+_CPU_WARNING = 0.9  # on_cpu_warning fires at this share of the CPU budget
+_CPU_CHECK_INTERVAL = 0.05  # at most this many seconds between looks at a worker's CPU
 
 # ---------------------------------------------------------------- child side
 
@@ -348,6 +351,7 @@ class _Worker:
         sock: socket.socket,
     ) -> None:
         assert proc.pid is not None
+        pool._started += 1
         self.pool = pool
         self.loop = loop
         self.proc = proc
@@ -521,6 +525,63 @@ class _Worker:
                 os.kill(self.pid, signal.SIGKILL)
 
 
+class _CpuWatch:
+    """Calls ``on_warning`` once a worker has used 90% of a task's CPU budget.
+
+    The parent reads the worker's CPU time (``/proc`` through psutil) rather than
+    the worker timing itself: a thread in the worker would need the GIL, which a
+    busy task or a long C call holds.
+    """
+
+    def __init__(self, worker: _Worker, cpu_time: float, on_warning: Callable[[], None]) -> None:
+        self._worker = worker
+        self._budget = cpu_time
+        self._on_warning = on_warning
+        self._warn_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._process: Any = None
+
+    @classmethod
+    def maybe(
+        cls, worker: _Worker, cpu_time: float | None, on_warning: Callable[[], None] | None
+    ) -> _CpuWatch | None:
+        if cpu_time is None or on_warning is None:
+            return None
+        return cls(worker, cpu_time, on_warning)
+
+    def start(self, cpu_start: float) -> None:
+        """The task began when the worker had used ``cpu_start`` CPU seconds."""
+        import psutil
+
+        try:
+            self._process = psutil.Process(self._worker.pid)
+        except psutil.Error:
+            return
+        self._warn_at = cpu_start + _CPU_WARNING * self._budget
+        self._check()
+
+    def _check(self) -> None:
+        import psutil
+
+        self._timer = None
+        try:
+            times = self._process.cpu_times()
+        except psutil.Error:
+            return
+        left = self._warn_at - (times.user + times.system)
+        if left <= 0:
+            _call_safely(self._on_warning)
+            return
+        # CPU time passes no faster than wall time for one busy thread; a task
+        # running several at once is caught by the cap.
+        self._timer = self._worker.loop.call_later(min(left, _CPU_CHECK_INTERVAL), self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 # --------------------------------------------------------------------- pool
 
 _pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
@@ -590,6 +651,7 @@ class ProcessPool:
         self._workers: set[_Worker] = set()  # every worker not yet reaped
         self._idle_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._started = 0
         _pools.add(self)
 
     def __repr__(self) -> str:
@@ -612,6 +674,11 @@ class ProcessPool:
         """Pids of the live workers (for diagnostics and tests)."""
         return sorted(w.pid for w in self._workers if not w.exited.done())
 
+    @property
+    def workers_started(self) -> int:
+        """How many worker processes this pool has started so far."""
+        return self._started
+
     # ------------------------------------------------------------------ run
     async def run(
         self,
@@ -633,8 +700,8 @@ class ProcessPool:
         (CPU seconds) and ``memory`` (bytes of address space) bound this call
         only. ``on_progress(done, total, message)`` receives the task's progress
         and ``on_cpu_warning()`` is called once the task has used 90% of
-        ``cpu_time`` (best effort: the worker checks every 50 ms); both run on
-        the event loop, and an exception from them is logged. ``task_id``,
+        ``cpu_time`` (the parent looks at the worker's CPU time at most 50 ms
+        apart); both run on the event loop, and an exception from them is logged. ``task_id``,
         ``name`` and ``attempt`` are what ``worker_task()`` shows in the worker.
         See the module docstring for what each failure raises.
         """
@@ -654,7 +721,9 @@ class ProcessPool:
             worker = await self._checkout()
             keep = False
             try:
-                reply, blob = await self._exchange(worker, request, on_progress, on_cpu_warning)
+                reply, blob = await self._exchange(
+                    worker, request, on_progress, _CpuWatch.maybe(worker, cpu_time, on_cpu_warning)
+                )
                 keep = reply[0] in ("ok", "err", "load", "bad_result")
             except BaseException:
                 # Cancelled (a wall-clock limit, a user cancel, shutdown): the task
@@ -673,24 +742,28 @@ class ProcessPool:
         worker: _Worker,
         request: list[bytes],
         on_progress: ProgressCallback | None,
-        on_cpu_warning: Callable[[], None] | None,
+        cpu_watch: _CpuWatch | None,
     ) -> tuple[tuple[Any, ...], memoryview]:
         inbox = worker.inbox
         worker.send(request)
-        while True:
-            message = await inbox.get()
-            if message is None:
-                code = await worker.wait_exit(_EXIT_AFTER_EOF)
-                return ("died", code), memoryview(b"")
-            meta = message[0]
-            if meta[0] == "progress":
-                if on_progress is not None:
-                    _call_safely(on_progress, *meta[1:])
-            elif meta[0] == "cpu_warning":
-                if on_cpu_warning is not None:
-                    _call_safely(on_cpu_warning)
-            else:
-                return message
+        try:
+            while True:
+                message = await inbox.get()
+                if message is None:
+                    code = await worker.wait_exit(_EXIT_AFTER_EOF)
+                    return ("died", code), memoryview(b"")
+                meta = message[0]
+                if meta[0] == "progress":
+                    if on_progress is not None:
+                        _call_safely(on_progress, *meta[1:])
+                elif meta[0] == "started":
+                    if cpu_watch is not None:
+                        cpu_watch.start(meta[1])
+                else:
+                    return message
+        finally:
+            if cpu_watch is not None:
+                cpu_watch.stop()
 
     def _settle(
         self,

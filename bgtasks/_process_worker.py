@@ -6,8 +6,9 @@ tuple, the *meta*, and a *blob* of bytes that may be empty: large pickles travel
 as blobs so they are neither pickled twice nor copied into a bigger frame. The
 request is ``("run", task_id, name, attempt, cpu_time, memory)`` with the blob
 ``pickle((ref, fn, args, kwargs))``. The worker answers with any number of
-``("progress", done, total, message)`` and at most one ``("cpu_warning",)``
-(90% of the CPU budget used), then exactly one of (blob in brackets)::
+``("progress", done, total, message)`` (and ``("started", cpu_seconds)``, the
+worker's CPU time when a task with a CPU budget began), then exactly one of
+(blob in brackets)::
 
     ("ok",) [result pickle]
     ("err", type_name, message, traceback_text, reason) [exception pickle or empty]
@@ -55,7 +56,6 @@ HEADER = struct.Struct("!QQ")  # length of the meta pickle, length of the blob
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _SMALL = 1 << 16  # a blob up to this size is sent in one piece with its header
 _PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the parent is alive
-_CPU_CHECK_INTERVAL = 0.05  # seconds between checks for the CPU warning during a task
 
 
 def encode(meta: tuple[Any, ...], blob: bytes = b"") -> list[bytes]:
@@ -129,11 +129,11 @@ class _Channel:
 
 
 class _TaskState:
-    """What the worker runs now: for progress, the CPU warning and ``worker_task()``.
+    """What the worker runs now: for progress and ``worker_task()``.
 
-    Other threads (the task's own, the watcher) send progress and warnings; the
-    lock makes sure none is sent after the task's reply, where the parent would
-    take it for news of the next task.
+    The task's own threads may report progress; the lock makes sure no report
+    is sent after the task's reply, where the parent would take it for news of
+    the next task.
     """
 
     def __init__(self, channel: _Channel, pool_side: Any) -> None:
@@ -141,7 +141,6 @@ class _TaskState:
         self._pool_side = pool_side
         self._lock = threading.Lock()
         self._running = False
-        self.warn_at: float | None = None  # process CPU seconds at 90% of the budget
 
     def begin(self, task_id: str, name: str, attempt: int) -> None:
         self._pool_side._worker_task = self._pool_side.WorkerTask(
@@ -153,8 +152,10 @@ class _TaskState:
     def end(self) -> None:
         with self._lock:
             self._running = False
-            self.warn_at = None
         self._pool_side._worker_task = None
+
+    def send(self, meta: tuple[Any, ...]) -> None:
+        self._channel.send(meta)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         update = (
@@ -166,13 +167,6 @@ class _TaskState:
         with self._lock:
             if self._running:
                 self._channel.send(update)
-
-    def check_cpu(self) -> None:
-        """Send the CPU warning once the task has used 90% of its budget."""
-        with self._lock:
-            if self.warn_at is not None and time.process_time() >= self.warn_at:
-                self.warn_at = None
-                self._channel.send(("cpu_warning",))
 
 
 class _Budget:
@@ -289,7 +283,6 @@ def _run(
     meta: tuple[Any, ...],
     call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
     state: _TaskState,
-    watcher: _Watcher,
 ) -> tuple[tuple[Any, ...], bytes, bool]:
     """Run one task; return the reply (meta, blob) and whether the worker should exit."""
     _, task_id, name, attempt, cpu_time, memory = meta
@@ -299,8 +292,8 @@ def _run(
     try:
         budget.apply()
         if cpu_time is not None:
-            state.warn_at = budget.cpu_start + 0.9 * cpu_time
-            watcher.wake()
+            # The parent watches our CPU time from here for the 90% warning.
+            state.send(("started", budget.cpu_start))
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
@@ -320,49 +313,26 @@ def _run(
     return ("ok",), data, False
 
 
-class _Watcher:
-    """A thread that ends the worker when its parent dies and sends the CPU warning.
+def _watch_parent(fd: int) -> None:
+    """Exit the worker when its parent dies, even in the middle of a task.
 
     The parent never writes during a task, so the socket only reports hang-up
     (its end closed: the parent exited or retired us). A changed parent pid
     covers a parent whose socket end lives on in a process it forked.
     """
+    ppid = os.getppid()
+    poller = select.poll()
+    poller.register(fd, 0)  # 0: only POLLHUP, POLLERR and POLLNVAL are reported
 
-    def __init__(self, fd: int, state: _TaskState) -> None:
-        self._state = state
-        self._ppid = os.getppid()
-        self._wake_r, self._wake_w = os.pipe()
-        self._poller = select.poll()
-        self._poller.register(fd, 0)  # 0: only POLLHUP, POLLERR and POLLNVAL are reported
-        self._poller.register(self._wake_r, select.POLLIN)
-        threading.Thread(target=self._run, name="bgtasks-worker-watch", daemon=True).start()
-
-    def wake(self) -> None:
-        """Look at ``state.warn_at`` again now (a task with a CPU budget started)."""
-        os.write(self._wake_w, b"!")
-
-    def _run(self) -> None:
-        while True:
-            warn_at = self._state.warn_at
-            if warn_at is None:
-                timeout = _PARENT_CHECK_INTERVAL
-            else:
-                timeout = min(max(warn_at - time.process_time(), 0.005), _CPU_CHECK_INTERVAL)
-            for fd, _ in self._poller.poll(timeout * 1000):
-                if fd != self._wake_r:
-                    self._exit()
-                os.read(self._wake_r, 64)
-            if os.getppid() != self._ppid:
-                self._exit()
-            with contextlib.suppress(OSError):
-                self._state.check_cpu()
-
-    @staticmethod
-    def _exit() -> None:
+    def watch() -> None:
+        while not poller.poll(_PARENT_CHECK_INTERVAL * 1000) and os.getppid() == ppid:
+            pass
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(0)
+
+    threading.Thread(target=watch, name="bgtasks-parent-watch", daemon=True).start()
 
 
 def main(sock: socket.socket) -> None:
@@ -378,7 +348,7 @@ def main(sock: socket.socket) -> None:
 
     channel = _Channel(sock)
     state = _TaskState(channel, pool_side)
-    watcher = _Watcher(sock.fileno(), state)
+    _watch_parent(sock.fileno())
     pool_side._in_worker = True
     pool_side.child_progress_sink = state.progress
     try:
@@ -392,7 +362,7 @@ def main(sock: socket.socket) -> None:
                 continue
             finally:
                 del blob  # the request's bytes: not kept alive during the task
-            reply, data, leave = _run(meta, call, state, watcher)
+            reply, data, leave = _run(meta, call, state)
             del call
             channel.send(reply, data)
             del data

@@ -406,7 +406,9 @@ def _response(reply: Reply) -> Any:
             )
             raise ImportError(msg) from exc
         _Response = Response
-    return _Response(reply.body, status_code=reply.status, headers=dict(reply.headers))
+    response = _Response(reply.body, status_code=reply.status)
+    response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+    return response
 
 
 async def _send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:

@@ -143,7 +143,8 @@ class BgTasks:
             view_func=_task_status,
             methods=["GET", "DELETE"],
         )
-        if RegistryFull not in app.error_handler_spec[None][None]:  # leave a handler the app registered itself
+        # Leave a RegistryFull handler the app registered itself.
+        if RegistryFull not in app.error_handler_spec[None][None]:
             app.register_error_handler(RegistryFull, _overloaded)
 
     def runtime_for(self, app: flask.Flask | None = None) -> Runtime:

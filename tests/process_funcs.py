@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import bgtasks
 from bgtasks import _process
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -135,3 +136,23 @@ def _refuse_to_schedule(fn: F) -> F:
 @_refuse_to_schedule
 def wrapped_double(x: int) -> int:
     return 2 * x
+
+
+@bgtasks.background(isolation="process")
+def bg_double(x: int) -> int:
+    return 2 * x
+
+
+@bgtasks.background(isolation="process", limits=bgtasks.Limits(cpu_time=0.5))
+def bg_spin() -> None:
+    spin_forever()
+
+
+@bgtasks.background(isolation="process")
+def bg_crash() -> None:
+    os._exit(7)
+
+
+@bgtasks.background(isolation="process", limits=bgtasks.Limits(wall_clock=0.5))
+def bg_sleep() -> None:
+    time.sleep(30)

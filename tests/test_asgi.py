@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import threading
 import warnings
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -777,3 +779,33 @@ def test_yield_dependency_pattern_open_a_new_session_inside_the_task() -> None:
     assert bad.status == "failed"
     assert bad.error is not None and bad.error.message == "session is closed"
     assert good.status == "succeeded" and good.result == "rows of orders of 7"
+
+
+# ---------------------------------------------------------------------- the example app
+def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app" / "app.py"
+    spec = importlib.util.spec_from_file_location("bgtasks_fastapi_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(example.random, "random", lambda: 0.5)  # no chance failures
+    rt: bgtasks.Runtime = example.runtime
+    with TestClient(example.app) as client:
+        report = client.post("/reports", json={"org_id": 3, "year": 2024, "sections": 1})
+        email = client.post("/emails", json={"to": "ada@flaky.example", "subject": "hi"})
+        primes = client.post("/primes", params={"below": 1000})
+        order = client.post("/orders", json={"item": "bolt", "quantity": 2})
+        assert [r.status_code for r in (report, email, primes, order)] == [202, 202, 202, 201]
+        assert client.post("/reports", json={"org_id": 0, "year": 2024}).status_code == 422
+        built = finished(rt, report.json()["id"])
+        assert built.status == "succeeded" and built.result == {
+            "url": "/files/report-3-2024.pdf",
+            "sections": 1,
+        }
+        assert built.progress is not None and built.progress.done == 1
+        sent = finished(rt, email.json()["id"])
+        assert sent.status == "succeeded" and sent.attempts >= 2
+        assert finished(rt, primes.json()["id"]).result == 168
+        assert finished(rt, order.json()["audit_task"]).status == "succeeded"
+        schema = client.get("/openapi.json").json()
+        assert "202" in schema["paths"]["/reports"]["post"]["responses"]

@@ -21,12 +21,16 @@ from typing import Any
 
 import anyio
 import durable_apps
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from durable_apps import Order
+from fastapi import FastAPI
 from starlette.requests import Request
 
 import bgtasks
 from bgtasks._durable import Codec, RemoteHandle
+from bgtasks.asgi import BackgroundMiddleware
 from bgtasks.stores.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.anyio
@@ -121,7 +125,7 @@ async def test_memory_store_runs_durable_tasks_and_warns_once(
 ) -> None:
     with caplog.at_level(logging.WARNING, "bgtasks"):
         async with bgtasks.Runtime():
-            a = await durable_apps.double("21")  # type: ignore[arg-type]
+            a = durable_apps.double("21")  # type: ignore[arg-type]
             b = durable_apps.double.submit(1)
             assert (await a.wait(5)).result == 42  # validated: "21" -> 21
             assert (await b.wait(5)).result == 2
@@ -132,7 +136,7 @@ async def test_memory_store_runs_durable_tasks_and_warns_once(
 async def test_bad_argument_is_refused_at_call_time_and_admits_nothing(tmp_path: Path) -> None:
     async with bgtasks.Runtime(store=url(tmp_path / "t.db")) as rt:
         with pytest.raises(TypeError, match="argument 'n'"):
-            await durable_apps.double("twenty")  # type: ignore[arg-type]
+            durable_apps.double("twenty")  # type: ignore[arg-type]
         assert rt.stats()["pending"] == 0
         assert await rt.drain(0.5)
 
@@ -141,10 +145,10 @@ async def test_bad_argument_is_refused_at_call_time_and_admits_nothing(tmp_path:
 async def test_journaled_before_the_call_returns(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     async with bgtasks.Runtime(store=url(db)):
-        # async wrapper (awaits the write), sync submit on the loop thread (a short
-        # blocking write), and a sync call from a worker thread (waits for it).
+        # A call on the loop thread (a short blocking write, documented) and a
+        # sync call from a worker thread (waits for the commit).
         handles = [
-            await durable_apps.gated(1),
+            durable_apps.gated(1),
             durable_apps.gated.submit(2),
             await anyio.to_thread.run_sync(durable_apps.place, Order(sku="s"), "n"),
         ]
@@ -164,6 +168,31 @@ async def test_journaled_before_the_call_returns(tmp_path: Path) -> None:
             h.cancel()
 
 
+async def test_endpoint_answers_202_once_journaled(tmp_path: Path) -> None:
+    # The async endpoint awaits the write off the loop; its 202 means "we have it".
+    db = tmp_path / "t.db"
+    rt = bgtasks.Runtime(store=url(db), shutdown_grace=0.1)
+    app = FastAPI()
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    app.add_api_route("/work", durable_apps.work, methods=["POST"])
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client,
+    ):
+        r = await client.post("/work", params={"n": 5})
+        assert r.status_code == 202, r.text
+        task_id = r.json()["id"]
+        assert status_of(db, task_id) in ("pending", "running")
+        again = [
+            await client.post("/work", params={"n": 6}, headers={"Idempotency-Key": "abc"})
+            for _ in range(2)
+        ]
+        assert [x.status_code for x in again] == [202, 202]
+        assert again[0].json()["id"] == again[1].json()["id"] != task_id
+    # Shutdown left them queued, as journaled.
+    assert query(db, "SELECT count(*) FROM tasks WHERE status = 'pending'") == [(2,)]
+
+
 async def test_a_failed_journal_write_refuses_the_call_and_leaves_no_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,7 +207,7 @@ async def test_a_failed_journal_write_refuses_the_call_and_leaves_no_trace(
 
         monkeypatch.setattr(store, "journal", broken)
         with pytest.raises(bgtasks.RegistryFull, match="could not be journaled") as info:
-            await durable_apps.double(1)
+            durable_apps.double(1)
         assert isinstance(info.value.__cause__, bgtasks.StoreError)
         with pytest.raises(bgtasks.RegistryFull):
             await anyio.to_thread.run_sync(durable_apps.double.submit, 1)
@@ -194,7 +223,7 @@ CRASHER = textwrap.dedent(
 
     async def main():
         async with bgtasks.Runtime(store=sys.argv[1], max_concurrency=2):
-            ids = [(await durable_apps.gated(n)).id for n in range(5)]
+            ids = [durable_apps.gated(n).id for n in range(5)]
             await asyncio.sleep(0.2)  # two start; their records reach the file
             print(" ".join(ids), flush=True)
             await asyncio.sleep(60)
@@ -252,7 +281,7 @@ async def test_graceful_shutdown_leaves_durable_tasks_queued(tmp_path: Path) -> 
         await go.wait()
 
     async with bgtasks.Runtime(store=url(db), shutdown_grace=0.1) as rt:
-        durable = [await durable_apps.forever(n) for n in range(2)]
+        durable = [durable_apps.forever(n) for n in range(2)]
         other = rt.wait_until(plain)
         await asyncio.sleep(0.05)
     assert other.status == "cancelled"
@@ -323,15 +352,15 @@ async def test_a_function_that_is_gone_fails_its_task_clearly(tmp_path: Path) ->
 async def test_idempotency_key_returns_the_existing_task(store: str, tmp_path: Path) -> None:
     spec = "memory" if store == "memory" else url(tmp_path / "t.db")
     async with bgtasks.Runtime(store=spec) as rt:
-        first = await durable_apps.double.using(idempotency_key="k1")(1)
-        again = await durable_apps.double.using(idempotency_key="k1")(2)
+        first = durable_apps.double.using(idempotency_key="k1")(1)
+        again = durable_apps.double.using(idempotency_key="k1")(2)
         sync_again = await anyio.to_thread.run_sync(
             durable_apps.double.using(idempotency_key="k1").submit, 3
         )
         assert first is again is sync_again
         assert (await first.wait(5)).result == 2
         # Finished tasks keep their key until they expire.
-        assert await durable_apps.double.using(idempotency_key="k1")(4) is first
+        assert durable_apps.double.using(idempotency_key="k1")(4) is first
         # Keys are scoped by task name; non-durable tasks take keys too.
         other = durable_apps.not_durable.using(idempotency_key="k1").submit(5)
         assert other is not first
@@ -370,11 +399,11 @@ async def test_idempotency_key_held_by_another_runtime(tmp_path: Path) -> None:
         a, b = (bgtasks.Runtime(store=url(db), shutdown_grace=1) for _ in "ab")
         async with a, b:
             with_key = durable_apps.gated.using(idempotency_key="order-7")
-            owner: bgtasks.TaskHandle = await with_key(7)  # on b, the innermost runtime
+            owner: bgtasks.TaskHandle = with_key(7)  # on b, the innermost runtime
             assert b.handle(owner.id) is owner
             token = bgtasks._context.active_runtime.set(a)
             try:
-                seen = await with_key(8)
+                seen = with_key(8)
             finally:
                 bgtasks._context.active_runtime.reset(token)
             assert isinstance(seen, RemoteHandle)

@@ -43,7 +43,8 @@ def gunicorn(db: Path, gate: Path, workers: int = 2) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "--no-control-socket", "-w", str(workers)]
     argv += ["-k", "uvicorn.workers.UvicornWorker", "-b", f"127.0.0.1:{port}"]
-    argv += ["--log-level", "warning", "durable_apps:app"]
+    # --preload: the app (and its Runtime) is built in the master, before the fork.
+    argv += ["--preload", "--log-level", "warning", "durable_apps:app"]
     return Server(argv, port=port, env=env(db, gate))
 
 
@@ -106,6 +107,12 @@ def test_two_processes_share_status_and_idempotency_keys(tmp_path: Path) -> None
         # b answers for a's tasks (from the file) and knows a's key.
         assert record(b, task_id)["status"] in ("pending", "running")
         assert submit(b, 3, key="k") == keyed
+        # DELETE on b cancels a task a runs.
+        victim = submit(a, 4)
+        r = httpx.delete(f"{b.url}/_bgtasks/tasks/{victim}", timeout=5)
+        assert r.status_code == 202, r.text
+        wait_for(lambda: record(a, victim)["status"] == "cancelled", 5, "a to cancel it")
+        assert httpx.delete(f"{b.url}/_bgtasks/tasks/{victim}", timeout=5).status_code == 409
         gate.touch()
         done = all_succeed(b, [task_id, keyed], 10)
         pid_a = httpx.get(f"{a.url}/_ready", timeout=5).json()["pid"]

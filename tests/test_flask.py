@@ -504,3 +504,25 @@ def test_stop_drains_and_fires_beforeunload(app: Flask) -> None:
     assert reasons == ["shutdown"]
     r = app.test_client().post("/slow")
     assert r.status_code == 503
+
+
+def test_the_example_app() -> None:
+    from examples.flask_app.app import app, tasks
+
+    client = app.test_client()
+    try:
+        r = client.post("/reports", json={"rows": 1}, headers={"X-User": "ada"})
+        assert r.status_code == 202
+        record = finished(app, r.get_json()["id"])
+        assert record.result == {
+            "rows": 1,
+            "requested_by": "ada",
+            "download": "/downloads/report-1.csv",
+        }
+        assert client.get(r.headers["Location"]).get_json()["progress"]["done"] == 1
+        r = client.post("/signup", data={"email": "ada@example.com"})
+        assert r.status_code == 201
+        task_id = r.get_json()["welcome_email"].rsplit("/", 1)[1]
+        assert finished(app, task_id).result == "ada@example.com"
+    finally:
+        assert tasks.stop(app, 10)

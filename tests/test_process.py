@@ -18,6 +18,8 @@ import anyio
 import psutil
 import pytest
 
+import bgtasks
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import process_funcs as pf  # needs the path above; workers inherit sys.path
@@ -266,10 +268,8 @@ async def test_cancellation_while_the_worker_starts() -> None:
             await task
         # The worker that was starting is adopted and let go.
         with anyio.fail_after(10):
-            while not pool.pids:
-                await anyio.sleep(0.01)
-            while pool.pids:
-                await anyio.sleep(0.05)
+            while pool.workers_started == 0 or pool.pids:
+                await anyio.sleep(0.02)
         assert await run(pool, pf.add, 1, 2) == 3
 
 
@@ -459,3 +459,22 @@ def test_check_picklable_names_the_argument() -> None:
         check_picklable((1, threading.Lock()), {}, fn=pf.add)
     with pytest.raises(TypeError, match=r"^keyword argument 'b' \(lock\).*Pass plain data"):
         check_picklable((1,), {"b": threading.Lock()})
+
+
+# --------------------------------------------------------------- in the runtime
+
+
+@pytest.mark.anyio
+async def test_runtime_runs_isolated_tasks_and_keeps_serving() -> None:
+    async with bgtasks.Runtime() as rt:
+        crash, spin, sleep = pf.bg_crash(), pf.bg_spin(), pf.bg_sleep()
+        records = [await handle.wait(20) for handle in (crash, spin, sleep)]
+        assert [(r.status, r.error and r.error.type) for r in records] == [
+            ("failed", "WorkerCrashed"),
+            ("failed", "CPULimitExceeded"),
+            ("failed", "WallClockLimitExceeded"),
+        ]
+        assert "exited with code 7" in (records[0].error.message if records[0].error else "")
+        done = await pf.bg_double(21).wait(20)
+        assert (done.status, done.result) == ("succeeded", 42)
+        assert rt.stats()["failed"] == 3

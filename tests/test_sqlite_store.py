@@ -50,9 +50,12 @@ async def make_db(db: Path) -> None:
 def test_from_url_paths_and_options(tmp_path: Path) -> None:
     rel = SQLiteStore.from_url("sqlite:///data/tasks.db")
     assert rel.path == "data/tasks.db"
-    absolute = SQLiteStore.from_url(f"sqlite:///{tmp_path}/t.db?lease=2&poll=0.5&max_crashes=1")
+    absolute = SQLiteStore.from_url(
+        f"sqlite:///{tmp_path}/t.db?lease=2&poll=0.5&max_crashes=1&synchronous=FULL"
+    )
     assert absolute.path == f"{tmp_path}/t.db"
     assert (absolute.lease, absolute.poll, absolute.max_crashes) == (2.0, 0.5, 1)
+    assert absolute.synchronous == "full"
     assert isinstance(open_store(url(tmp_path / "x.db")), SQLiteStore)
     assert isinstance(SQLiteStore("x.db"), Store)
     assert isinstance(MemoryStore(), Store)
@@ -64,6 +67,7 @@ def test_from_url_paths_and_options(tmp_path: Path) -> None:
         ("sqlite:///t.db?speed=3", "unknown SQLite store option 'speed'"),
         ("sqlite:///t.db?lease=soon", "lease='soon'"),
         ("sqlite:///t.db?lease=0", "lease must be a positive number"),
+        ("sqlite:///t.db?synchronous=off", "'normal' or 'full'"),
         ("sqlite:///:memory:", "not an in-memory database"),
         ("sqlite://host/t.db", "no host part"),
     ],
@@ -269,3 +273,55 @@ async def test_store_outlives_a_runtime_that_failed_to_open(tmp_path: Path) -> N
     db.unlink()
     async with bgtasks.Runtime(store=url(db)) as rt:
         assert json.loads(json.dumps(rt.stats()))["pending"] == 0
+
+
+async def test_cancel_a_task_another_process_runs(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    import durable_apps
+
+    a = bgtasks.Runtime(store=url(db, "poll=0.05"))
+    b = bgtasks.Runtime(store=url(db, "poll=0.05"))
+    async with a, b:
+        h = durable_apps.forever(1)  # on b, the innermost runtime
+        await flush(b)
+        assert a.cancel(h.id) is True
+        assert (await h.wait(5)).status == "cancelled"
+        await flush(b)
+        seen = a.get(h.id)
+        assert seen is not None and seen.status == "cancelled"
+        assert a.cancel(h.id) is False  # finished
+        assert a.cancel("H" * 22) is False  # unknown
+
+
+async def test_cancel_a_task_whose_process_died(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    await make_db(db)
+    now = time.time()
+    execute(
+        db,
+        "INSERT INTO owners (id, host, pid, proc_started, expires_at) "
+        "VALUES ('alive', 'another-host', 1, 0, ?)",
+        now + 60,
+    )
+    for task_id, owner in (("I" * 22, "ghost"), ("J" * 22, "alive")):
+        execute(
+            db,
+            "INSERT INTO tasks (id, name, status, created_at, owner, updated_at, durable, "
+            "target, payload, options) VALUES (?, 'double', 'running', ?, ?, ?, 1, "
+            "'durable_apps:double', '{\"n\": 1}', '{}')",
+            task_id,
+            now,
+            owner,
+            now,
+        )
+    rt = bgtasks.Runtime(store=url(db))
+    await rt.start()  # the orphan is claimed and runs at start: cancel before that
+    try:
+        assert rt.get("J" * 22) is not None
+        assert rt.cancel("J" * 22) is True  # flagged for its (live) owner
+        await flush(rt)
+        assert query(db, "SELECT status, cancel_requested FROM tasks WHERE id = ?", "J" * 22) == [
+            ("running", 1)
+        ]
+    finally:
+        await rt.shutdown()

@@ -70,7 +70,7 @@ class Store(Protocol):
 
     def request_cancel(self, task_id: str) -> bool:
         """Cancel a task another process runs (shared stores only); False if it is
-        unknown or finished. Must not block: the owner cancels it soon after."""
+        unknown or finished. It must not wait for a write: the owner cancels the task soon after."""
 
 
 def open_store(spec: object) -> Store:

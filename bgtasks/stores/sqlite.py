@@ -143,7 +143,7 @@ class SQLiteStore:
     """Records and the journal of durable work in one SQLite file (WAL mode).
 
     ``Runtime(store="sqlite:///path.db")`` builds one; options can follow in
-    the query string: ``?lease=30&poll=5&busy_timeout=5&max_crashes=3``.
+    the query string: ``?lease=30&poll=5&busy_timeout=5&max_crashes=3&synchronous=normal``.
 
     - ``lease``: seconds a process's claim on its tasks lasts without renewal.
       A process that dies on this host is noticed at once (its pid is gone);
@@ -152,6 +152,8 @@ class SQLiteStore:
     - ``busy_timeout``: seconds a write waits for another process's lock.
     - ``max_crashes``: a task that was running when its process died this many
       times more is failed with ``WorkerCrashed`` instead of run again.
+    - ``synchronous``: ``"normal"`` (a commit survives the process dying) or
+      ``"full"`` (also the machine losing power: one fsync per batch).
     """
 
     durable = True
@@ -164,6 +166,7 @@ class SQLiteStore:
         poll: float = 5.0,
         busy_timeout: float = 5.0,
         max_crashes: int = 3,
+        synchronous: str = "normal",
     ) -> None:
         path = os.fspath(path)
         if not path or path == ":memory:" or path.startswith("file::memory:"):
@@ -180,6 +183,10 @@ class SQLiteStore:
         if isinstance(max_crashes, bool) or not isinstance(max_crashes, int) or max_crashes < 0:
             msg = f"SQLiteStore max_crashes must be an int >= 0, got {max_crashes!r}."
             raise ValueError(msg)
+        if synchronous not in ("normal", "full"):
+            msg = f"SQLiteStore synchronous must be 'normal' or 'full', got {synchronous!r}."
+            raise ValueError(msg)
+        self.synchronous = synchronous
         self.path = path
         self.lease = float(lease)
         self.poll = float(poll)
@@ -220,12 +227,16 @@ class SQLiteStore:
         path = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         options: dict[str, Any] = {}
         for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-            if key not in ("lease", "poll", "busy_timeout", "max_crashes"):
+            if key not in ("lease", "poll", "busy_timeout", "max_crashes", "synchronous"):
                 msg = (
                     f"unknown SQLite store option {key!r} in {url!r}; the options are "
-                    "lease, poll, busy_timeout (seconds) and max_crashes (a count)."
+                    "lease, poll, busy_timeout (seconds), max_crashes (a count) and "
+                    "synchronous (normal or full)."
                 )
                 raise ValueError(msg)
+            if key == "synchronous":
+                options[key] = value.lower()
+                continue
             try:
                 options[key] = int(value) if key == "max_crashes" else float(value)
             except ValueError:
@@ -235,8 +246,8 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self, runtime: Runtime) -> None:
-        if self._thread is not None:
-            self._reset()
+        # Fresh state for each run, and this process's pid (after a fork, not the parent's).
+        self._reset()
         self._runtime = runtime
         self.owner = new_id()
         ready = concurrent.futures.Future[None]()
@@ -444,9 +455,11 @@ class SQLiteStore:
         if not self._open:
             return False
         try:
-            row = self._reader().execute(
-                "SELECT status FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
+            row = (
+                self._reader()
+                .execute("SELECT status FROM tasks WHERE id = ?", (task_id,))
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise _store_error(exc, self.path) from exc
         if row is None or row[0] in FINISHED:
@@ -537,8 +550,8 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
         # In WAL mode, NORMAL syncs at checkpoints only: a commit survives the
-        # process dying, not necessarily the machine losing power.
-        conn.execute("PRAGMA synchronous = NORMAL")
+        # process dying, not necessarily the machine losing power (FULL: it does).
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         return conn
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
