@@ -227,7 +227,6 @@ class Runtime:
         self._memory_high = False
         self._token: contextvars.Token[Runtime | None] | None = None
         self._process_pool: Any = None
-        self._idempotent: dict[str, str] = {}  # idempotency key -> task id (memory store)
 
     def __repr__(self) -> str:
         return f"<bgtasks.Runtime {self._state} unfinished={self._unfinished}>"

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator
@@ -809,3 +811,13 @@ def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch) -> None:
         assert finished(rt, order.json()["audit_task"]).status == "succeeded"
         schema = client.get("/openapi.json").json()
         assert "202" in schema["paths"]["/reports"]["post"]["responses"]
+
+
+def test_importing_the_adapter_imports_no_framework() -> None:
+    code = (
+        "import sys, bgtasks.asgi; "
+        "bad = [m for m in ('fastapi', 'starlette') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
