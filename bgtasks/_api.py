@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, Literal, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
@@ -14,6 +15,9 @@ from . import _context
 from ._limits import Limits
 from ._runtime import Isolation, Kind, Runtime, Spec, _describe, active, is_async_callable
 from ._task import TaskHandle
+
+if TYPE_CHECKING:
+    from ._process import WorkerTask
 
 __all__ = ["BackgroundFunction", "CurrentTask", "background", "current_task", "wait_until"]
 
@@ -84,11 +88,13 @@ class CurrentTask:
         self._handle._report_progress(done, total, message)
 
 
-def current_task() -> CurrentTask | None:
+def current_task() -> CurrentTask | WorkerTask | None:
     """Inside a task: its id, name, attempt and ``report_progress``; else None."""
     handle = _context.current_task_var.get()
     if handle is None:
-        return None
+        # In an isolated worker process (which has imported _process): its task.
+        process = sys.modules.get("bgtasks._process")
+        return process.worker_task() if process is not None and process.in_worker() else None
     return CurrentTask(handle)
 
 

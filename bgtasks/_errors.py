@@ -7,7 +7,7 @@
     │   ├── WallClockLimitExceeded   a task ran longer than Limits.wall_clock
     │   ├── CPULimitExceeded         a task used more than Limits.cpu_time
     │   └── MemoryLimitExceeded      over Limits.memory, or the process over Runtime(memory_limit)
-    ├── RegistryFull                 admission refused: max_pending reached or memory above the ceiling
+    ├── RegistryFull                 admission refused: max_pending reached, memory high
     ├── RuntimeNotActive             bgtasks.wait_until / @background with no runtime in context
     ├── WorkerCrashed                an isolated worker process died while running a task
     └── StoreError                   the store cannot be opened or written

@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ._task import TaskRecord
 
@@ -59,7 +59,7 @@ class UnhandledRejectionEvent:
         self.default_prevented = True
 
 
-Event = Union[BeforeUnloadEvent, UnhandledRejectionEvent]
+Event = BeforeUnloadEvent | UnhandledRejectionEvent
 Handler = Callable[[Any], Awaitable[None] | None]
 
 

@@ -92,7 +92,7 @@ _worker_task: WorkerTask | None = None
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class WorkerTask:
-    """The task running in this worker process (what ``current_task()`` shows there)."""
+    """The task running in this worker process: its id, name and attempt, and progress."""
 
     id: str
     name: str
@@ -210,7 +210,7 @@ def check_importable(fn: Callable[..., Any]) -> None:
     if "<locals>" in qualname:
         msg = (
             f"{label} is defined inside another function, so a worker process cannot import "
-            '(isolation="process" sends a function by its module and name). '
+            'it (isolation="process" sends a function by its module and name). '
             "Move it to the top level of its module."
         )
         raise TypeError(msg)
@@ -230,16 +230,14 @@ def check_importable(fn: Callable[..., Any]) -> None:
         raise TypeError(msg)
 
 
-def _describe_arg(fn: Callable[..., Any] | None, args: tuple[Any, ...], index: int) -> str:
+def _describe_arg(fn: Callable[..., Any] | None, index: int) -> str:
     if fn is not None:
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
             params = []
-        if index < len(params) and params[index].kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if index < len(params) and params[index].kind in positional:
             return f"argument {params[index].name!r} (position {index})"
     return f"positional argument {index}"
 
@@ -259,34 +257,26 @@ def check_picklable(
 
     With ``fn``, positional arguments are named after its parameters.
     """
-    if _unpicklable_reason((args, kwargs)) is None:
+    together = _unpicklable_reason((args, kwargs))
+    if together is None:
         return
-    bad: list[tuple[str, object, str]] = []
-    for i, value in enumerate(args):
+    labelled = [(_describe_arg(fn, i), value) for i, value in enumerate(args)]
+    labelled += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for what, value in labelled:
         reason = _unpicklable_reason(value)
         if reason is not None:
-            bad.append((_describe_arg(fn, args, i), value, reason))
-            break
-    if not bad:
-        for key, value in kwargs.items():
-            reason = _unpicklable_reason(value)
-            if reason is not None:
-                bad.append((f"keyword argument {key!r}", value, reason))
-                break
-    if bad:
-        what, value, reason = bad[0]
-        msg = (
-            f"{what} ({type(value).__name__}) cannot be pickled to send to the worker "
-            f'process (isolation="process"): {reason}. Pass plain data such as str, '
-            "numbers, lists, dicts or dataclasses, and open files, connections or locks "
-            "inside the task instead."
-        )
-    else:
-        msg = (
-            "the arguments cannot be pickled together to send to the worker process "
-            f'(isolation="process"): {_unpicklable_reason((args, kwargs))}. Pass plain '
-            "data such as str, numbers, lists, dicts or dataclasses."
-        )
+            msg = (
+                f"{what} ({type(value).__name__}) cannot be pickled to send to the worker "
+                f'process (isolation="process"): {reason}. Pass plain data such as str, '
+                "numbers, lists, dicts or dataclasses, and open files, connections or "
+                "locks inside the task instead."
+            )
+            raise TypeError(msg)
+    msg = (
+        "the arguments cannot be pickled together to send to the worker process "
+        f'(isolation="process"): {together}. Pass plain data such as str, numbers, '
+        "lists, dicts or dataclasses."
+    )
     raise TypeError(msg)
 
 
@@ -322,6 +312,7 @@ def _encode_request(
     attempt: int,
     cpu_time: float | None,
     memory: int | None,
+    watch_cpu: bool,
 ) -> list[bytes]:
     ref = _function_ref(fn)
     try:
@@ -334,7 +325,8 @@ def _encode_request(
             'isolation="process" needs a function importable by its module and name.'
         )
         raise TypeError(msg) from exc
-    return _child.encode(("run", task_id, name, attempt, cpu_time, memory), payload)
+    meta = ("run", task_id, name, attempt, cpu_time, memory, watch_cpu)
+    return _child.encode(meta, payload)
 
 
 # ------------------------------------------------------------------- worker
@@ -530,7 +522,9 @@ class _CpuWatch:
 
     The parent reads the worker's CPU time (``/proc`` through psutil) rather than
     the worker timing itself: a thread in the worker would need the GIL, which a
-    busy task or a long C call holds.
+    busy task or a long C call holds. On a busy machine the last 10% may pass
+    between two looks; ``run`` then warns before it raises ``CPULimitExceeded``,
+    so the warning always comes first.
     """
 
     def __init__(self, worker: _Worker, cpu_time: float, on_warning: Callable[[], None]) -> None:
@@ -540,6 +534,7 @@ class _CpuWatch:
         self._warn_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._process: Any = None
+        self._warned = False
 
     @classmethod
     def maybe(
@@ -570,11 +565,18 @@ class _CpuWatch:
             return
         left = self._warn_at - (times.user + times.system)
         if left <= 0:
-            _call_safely(self._on_warning)
+            self.warn()
             return
         # CPU time passes no faster than wall time for one busy thread; a task
         # running several at once is caught by the cap.
         self._timer = self._worker.loop.call_later(min(left, _CPU_CHECK_INTERVAL), self._check)
+
+    def warn(self) -> None:
+        """Call ``on_warning`` unless it was called already."""
+        self.stop()
+        if not self._warned:
+            self._warned = True
+            _call_safely(self._on_warning)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -701,7 +703,8 @@ class ProcessPool:
         only. ``on_progress(done, total, message)`` receives the task's progress
         and ``on_cpu_warning()`` is called once the task has used 90% of
         ``cpu_time`` (the parent looks at the worker's CPU time at most 50 ms
-        apart); both run on the event loop, and an exception from them is logged. ``task_id``,
+        apart), and in any case before ``CPULimitExceeded`` is raised; both run
+        on the event loop, and an exception from them is logged. ``task_id``,
         ``name`` and ``attempt`` are what ``worker_task()`` shows in the worker.
         See the module docstring for what each failure raises.
         """
@@ -716,14 +719,14 @@ class ProcessPool:
             attempt=attempt,
             cpu_time=cpu_time,
             memory=memory,
+            watch_cpu=cpu_time is not None and on_cpu_warning is not None,
         )
         async with slots:
             worker = await self._checkout()
+            cpu_watch = _CpuWatch.maybe(worker, cpu_time, on_cpu_warning)
             keep = False
             try:
-                reply, blob = await self._exchange(
-                    worker, request, on_progress, _CpuWatch.maybe(worker, cpu_time, on_cpu_warning)
-                )
+                reply, blob = await self._exchange(worker, request, on_progress, cpu_watch)
                 keep = reply[0] in ("ok", "err", "load", "bad_result")
             except BaseException:
                 # Cancelled (a wall-clock limit, a user cancel, shutdown): the task
@@ -735,6 +738,8 @@ class ProcessPool:
                 raise
             finally:
                 self._checkin(worker, keep)
+        if cpu_watch is not None and reply[0] == "died" and _cpu_limit_signal(reply[1]):
+            cpu_watch.warn()  # the 90% look came too late (a busy machine): warn before failing
         return self._settle(reply, blob, worker, label, cpu_time, memory)
 
     async def _exchange(
@@ -991,6 +996,14 @@ def _rebuild_error(reply: tuple[Any, ...], blob: memoryview) -> BaseException:
     return err
 
 
+def _cpu_limit_signal(code: int | None) -> bool:
+    """Whether an exit code says the kernel stopped the worker at its CPU limit."""
+    return code is not None and -code in (
+        getattr(signal, "SIGPROF", None),
+        getattr(signal, "SIGXCPU", None),
+    )
+
+
 _CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"}
 
 
@@ -1008,7 +1021,7 @@ def _death_error(
             signame = signal.Signals(-code).name
         except ValueError:
             signame = f"signal {-code}"
-    if cpu_time is not None and signame in ("SIGPROF", "SIGXCPU") and not closing:
+    if cpu_time is not None and _cpu_limit_signal(code) and not closing:
         msg = (
             f"task {name!r} used more than its CPU limit of {cpu_time:g}s, so its worker "
             "process was stopped; raise Limits.cpu_time if the work needs more."

@@ -3,12 +3,13 @@
 A worker serves one request at a time from its parent (``_process.ProcessPool``)
 over a socket. A message is a header (two 8-byte lengths), a small pickled
 tuple, the *meta*, and a *blob* of bytes that may be empty: large pickles travel
-as blobs so they are neither pickled twice nor copied into a bigger frame. The
-request is ``("run", task_id, name, attempt, cpu_time, memory)`` with the blob
-``pickle((ref, fn, args, kwargs))``. The worker answers with any number of
-``("progress", done, total, message)`` (and ``("started", cpu_seconds)``, the
-worker's CPU time when a task with a CPU budget began), then exactly one of
-(blob in brackets)::
+as blobs so they are neither pickled twice nor copied into a bigger frame.
+
+The request is ``("run", task_id, name, attempt, cpu_time, memory, watch_cpu)``
+with the blob ``pickle((ref, fn, args, kwargs))``. The worker answers with any
+number of ``("progress", done, total, message)``, with ``("started",
+cpu_seconds)`` (its CPU time as the task began) if ``watch_cpu``, then exactly
+one of (blob in brackets)::
 
     ("ok",) [result pickle]
     ("err", type_name, message, traceback_text, reason) [exception pickle or empty]
@@ -183,6 +184,9 @@ class _Budget:
         import resource
 
         if self.cpu_time is not None:
+            # The limit relies on the default actions (terminate the process); an
+            # earlier task may have installed handlers.
+            _default_cpu_signals()
             self.cpu_start = used = time.process_time()
             # The kernel checks RLIMIT_CPU in whole seconds: round up so it never
             # fires before the budget; the itimer is the precise limit.
@@ -213,6 +217,12 @@ class _Budget:
             while self._saved:
                 which, limits = self._saved.pop()
                 resource.setrlimit(which, limits)
+
+
+def _default_cpu_signals() -> None:
+    for name in ("SIGPROF", "SIGXCPU"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
 
 
 def _address_space() -> int:
@@ -285,13 +295,13 @@ def _run(
     state: _TaskState,
 ) -> tuple[tuple[Any, ...], bytes, bool]:
     """Run one task; return the reply (meta, blob) and whether the worker should exit."""
-    _, task_id, name, attempt, cpu_time, memory = meta
+    _, task_id, name, attempt, cpu_time, memory, watch_cpu = meta
     fn, args, kwargs = call
     budget = _Budget(cpu_time, memory)
     state.begin(task_id, name, attempt)
     try:
         budget.apply()
-        if cpu_time is not None:
+        if watch_cpu:
             # The parent watches our CPU time from here for the 90% warning.
             state.send(("started", budget.cpu_start))
         result = fn(*args, **kwargs)
@@ -341,10 +351,7 @@ def main(sock: socket.socket) -> None:
 
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The CPU limit relies on these default actions (terminate the process).
-    for name in ("SIGPROF", "SIGXCPU"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    _default_cpu_signals()
 
     channel = _Channel(sock)
     state = _TaskState(channel, pool_side)

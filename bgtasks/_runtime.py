@@ -731,6 +731,7 @@ class Runtime:
             cpu_time=spec.limits.cpu_time,
             memory=spec.limits.memory_bytes,
             on_progress=progress,
+            on_cpu_warning=functools.partial(self._warn_threadsafe, t, "cpu"),
             task_id=t._id,
             name=t._name,
             attempt=t._attempts,

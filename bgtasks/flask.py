@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
     from ._task import TaskHandle, TaskRecord
 
-__all__ = ["BgTasks", "FlaskAuthorize"]
+__all__ = ["BgTasks", "BgTasksState", "FlaskAuthorize"]
 
 #: ``authorize(request, record, action) -> bool``, sync; ``request`` is
 #: ``flask.request`` and the whole request context is active.

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from ._task import TaskHandle, TaskRecord
 
-__all__ = ["DEFAULT_PREFIX", "BackgroundMiddleware", "accepted"]
+__all__ = ["DEFAULT_PREFIX", "BackgroundMiddleware", "WSGIAuthorize", "accepted"]
 
 DEFAULT_PREFIX = _http.DEFAULT_PREFIX
 #: ``authorize(environ, record, action) -> bool``, sync: may this request read

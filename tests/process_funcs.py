@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -62,6 +63,14 @@ def long_c_call() -> bytes:
 def allocate(size: int) -> int:
     block = bytearray(size)
     return len(block)
+
+
+def threaded_alloc(size: int) -> int:
+    out: list[int] = []
+    thread = threading.Thread(target=lambda: out.append(len(bytearray(size))))
+    thread.start()
+    thread.join()
+    return out[0]
 
 
 def limits_now() -> tuple[Any, ...]:

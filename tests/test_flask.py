@@ -526,3 +526,19 @@ def test_the_example_app() -> None:
         assert finished(app, task_id).result == "ada@example.com"
     finally:
         assert tasks.stop(app, 10)
+
+
+@bgtasks.background(durable=True)
+def ship_order(order_id: int) -> dict[str, Any]:
+    return {"order": order_id, "json": request.get_json()}
+
+
+def test_durable_view_with_the_sqlite_store(make_app: Callable[..., Flask], tmp_path: Any) -> None:
+    app = make_app(config={"BGTASKS_STORE": f"sqlite:///{tmp_path}/tasks.db"})
+    app.add_url_rule("/orders/<int:order_id>", view_func=ship_order, methods=["POST"])
+    client = app.test_client()
+    r = client.post("/orders/7", json={"express": True})
+    assert r.status_code == 202
+    record = finished(app, r.get_json()["id"])
+    assert record.result == {"order": 7, "json": {"express": True}}
+    assert client.get(r.headers["Location"]).get_json()["status"] == "succeeded"

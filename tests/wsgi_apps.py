@@ -3,8 +3,8 @@
 Configured by environment variables:
 
 - ``BGTASKS_EVIDENCE``: a file the app appends one line per event to
-  (``started <id> <pid>``, ``done <id> <pid>``, ``cancelled <id> <pid>``,
-  ``beforeunload <reason> <pid>``), so a test can see what happened in a
+  (``started <id> <pid> <time>``, ``done ...``, ``cancelled ...``,
+  ``beforeunload <reason> <pid> <time>``), so a test can see what happened in a
   worker after it has exited.
 - ``BGTASKS_TEST_GRACE``: the runtime's ``shutdown_grace`` (default 10).
 """
@@ -27,7 +27,7 @@ EVIDENCE = os.environ.get("BGTASKS_EVIDENCE", os.devnull)
 
 def note(*words: object) -> None:
     with open(EVIDENCE, "a") as f:
-        f.write(" ".join(str(w) for w in (*words, os.getpid())) + "\n")
+        f.write(" ".join(str(w) for w in (*words, os.getpid(), time.time())) + "\n")
 
 
 def this_task_id() -> str:
