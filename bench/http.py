@@ -98,9 +98,22 @@ def make_app() -> FastAPI:
 
 
 # ---------------------------------------------------------------------- load
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+SERVER_CPUS = set(_CPUS[:1]) if len(_CPUS) >= 2 else set()
+LOAD_CPUS = set(_CPUS[1:]) if len(_CPUS) >= 2 else set()
+
+
+def _pin(cpus: set[int]) -> Any:
+    """A ``preexec_fn`` that pins the child to ``cpus`` (no-op when empty)."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def run_wrk(url: str, duration: float, connections: int) -> tuple[float, int]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", url],
+        preexec_fn=_pin(LOAD_CPUS),
         capture_output=True,
         text=True,
         timeout=duration + 30,
@@ -170,7 +183,9 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(argv, cwd=ROOT)
+    # One CPU for the server, the others for the load generator: a 1-worker
+    # server is CPU-bound on one core, and must not share it with wrk.
+    proc = subprocess.Popen(argv, cwd=ROOT, preexec_fn=_pin(SERVER_CPUS))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -195,6 +210,8 @@ def main() -> None:
     use_wrk = shutil.which("wrk") is not None and not args.python_load
     load = run_wrk if use_wrk else run_python_load
     tool = "wrk -t1" if use_wrk else "asyncio load generator"
+    if not use_wrk and LOAD_CPUS:
+        os.sched_setaffinity(0, LOAD_CPUS)  # the load generator is this process
     port = free_port()
     proc = start_server(port)
     server = psutil.Process(proc.pid)

@@ -127,12 +127,16 @@ class Slot:
     def interrupt(self) -> bool:
         """Raise ``Interrupt`` in the task's thread if its code is running there."""
         with self.watchdog.lock:
-            tid = self.armed_thread
-            if tid is None or self.fired:
-                return False
-            self.fired = True
-            _set_async_exc(tid, Interrupt)
-            return True
+            return self.interrupt_locked()
+
+    def interrupt_locked(self) -> bool:
+        """``interrupt`` for a caller that holds ``watchdog.lock``."""
+        tid = self.armed_thread
+        if tid is None or self.fired:
+            return False
+        self.fired = True
+        _set_async_exc(tid, Interrupt)
+        return True
 
 
 def metered(coro: Any, slot: Slot) -> Generator[Any, Any, Any]:

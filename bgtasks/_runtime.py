@@ -221,7 +221,7 @@ class Runtime:
         self._deadlines: Deadlines | None = None
         self._sem: asyncio.Semaphore | None = None
         self._thread_sem: asyncio.Semaphore | None = None
-        self._threads = ThreadPool()
+        self._threads = ThreadPool(max_threads=max_threads)
         self._watchdog = Watchdog()
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._memory_high = False
@@ -445,7 +445,18 @@ class Runtime:
             if spec.kind == "coro" and type(spec.fn) is _CoroutineType:
                 spec.fn.close()
             raise
-        self._launch(t)
+        if (
+            spec.kind == "sync"
+            and spec.retries == 0
+            and spec.limits.wall_clock is None
+            and spec.limits.cpu_time is None
+            and self._sem is None
+            and not self._persist
+            and _get_ident() != self._loop_thread_id
+        ):
+            self._start_direct(t, spec)
+        else:
+            self._launch(t)
         return t
 
     def _task_limits(self, limits: Limits | None, *, inline: bool) -> Limits:
@@ -739,20 +750,24 @@ class Runtime:
 
     # ------------------------------------------------------------------ outcomes
     def _succeed(self, t: TaskHandle, result: Any) -> None:
-        if result is not None:
-            try:
-                result = to_jsonable_python(result)
-            except Exception:
-                logger.warning(
-                    "bgtasks: the result of task %s (%s) is not JSON-serialisable "
-                    "(%s); its record keeps result=null",
-                    t._id,
-                    t._name,
-                    type(result).__name__,
-                )
-                result = None
-        t._result = result
+        t._result = None if result is None else self._jsonable(t, result)
         self._finish(t, "succeeded")
+
+    @staticmethod
+    def _jsonable(t: TaskHandle, result: Any) -> Any:
+        if result is None:
+            return None
+        try:
+            return to_jsonable_python(result)
+        except Exception:
+            logger.warning(
+                "bgtasks: the result of task %s (%s) is not JSON-serialisable "
+                "(%s); its record keeps result=null",
+                t._id,
+                t._name,
+                type(result).__name__,
+            )
+            return None
 
     async def _fail(self, t: TaskHandle, exc: BaseException) -> None:
         t._error = ErrorInfo(type=type(exc).__name__, message=str(exc))
@@ -813,10 +828,115 @@ class Runtime:
         if loop is not None and _get_ident() != self._loop_thread_id:
             loop.call_soon_threadsafe(self._add_done_callback, t, cb)
             return
-        if t._status in FINISHED:
-            cb()
+        with self._lock:  # a direct task finishes on its worker thread, under this lock
+            if t._status not in FINISHED:
+                _ctl(t).callbacks.append(cb)
+                return
+        cb()
+
+    # ------------------------------------------------------------------ direct sync tasks
+    # A sync function submitted from a thread other than the loop's (a Flask view,
+    # a sync FastAPI endpoint), with no limits, retries or concurrency bound, runs
+    # its whole life on a worker thread: the loop hears of it only if someone
+    # waits on it or it fails. That saves two cross-thread wake-ups per task.
+
+    def _start_direct(self, t: TaskHandle, spec: Spec) -> None:
+        slot = Slot(self._watchdog, None)
+        _ctl(t).slot = slot
+        ctx = contextvars.copy_context()
+        self._threads.submit(functools.partial(self._direct, t, spec, slot, ctx))
+
+    def _direct(self, t: TaskHandle, spec: Spec, slot: Slot, ctx: contextvars.Context) -> None:
+        with self._watchdog.lock:
+            run = t._status == "pending"
+            if run:
+                t._status = "running"
+                t._attempts = 1
+                t._started_at = _now()
+                slot.arm()
+        if not run:  # cancelled before it started
+            self._finish_direct(t, "cancelled", None)
+            return
+        self._running[t._id] = t
+        try:
+            value = ctx.run(_call_in_task, t, spec)
+            ok = True
+        except BaseException as exc:
+            value, ok = exc, False
+        slot.disarm_safely()
+        if ok and not inspect.isawaitable(value):
+            self._finish_direct(t, "succeeded", self._jsonable(t, value))
+        elif ok:  # a sync callable that returned a coroutine: the loop awaits it
+            self._adopt(t, self._await_result(t, value))
+        elif isinstance(value, Interrupt):
+            stop = t._x.stop_exc if t._x is not None else None
+            if stop is None:
+                self._finish_direct(t, "cancelled", None)
+            else:
+                self._adopt(t, self._fail(t, stop))
         else:
-            _ctl(t).callbacks.append(cb)
+            self._adopt(t, self._fail(t, value))
+
+    def _finish_direct(self, t: TaskHandle, status: TaskStatus, result: Any) -> None:
+        """``_finish`` for a direct task, on its worker thread."""
+        t._result = result
+        t._work = None
+        self._running.pop(t._id, None)
+        now = _now()
+        with self._lock:
+            t._finished_at = now
+            t._status = status
+            ctl = t._x
+            callbacks: list[Callable[[], None]] = []
+            if ctl is not None:
+                callbacks, ctl.callbacks = ctl.callbacks, []
+            self._foreign -= 1
+            idle = not self._foreign and not self._unfinished
+        if self.retention > 0:
+            finished = self._finished
+            finished.append((now, t._id))
+            if len(finished) > self.max_finished:
+                with contextlib.suppress(IndexError):
+                    self._registry.pop(finished.popleft()[1], None)
+        else:
+            self._registry.pop(t._id, None)
+        if (callbacks or (idle and self._idle_waiters)) and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(self._after_direct, t, callbacks)
+
+    def _after_direct(self, t: TaskHandle, callbacks: list[Callable[[], None]]) -> None:
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                logger.exception("bgtasks: a done-callback of task %s raised", t._id)
+        self._wake_if_idle()
+
+    def _adopt(self, t: TaskHandle, coro: Awaitable[None]) -> None:
+        """Hand a direct task's ending to the loop (from its worker thread)."""
+
+        def adopt() -> None:
+            self._unfinished += 1
+            with self._lock:
+                self._foreign -= 1
+            t._task = asyncio.ensure_future(coro)
+
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(adopt)
+        except RuntimeError:  # the loop has closed: nobody to tell
+            if inspect.iscoroutine(coro):
+                coro.close()
+
+    async def _await_result(self, t: TaskHandle, value: Awaitable[Any]) -> None:
+        try:
+            result = await value
+        except asyncio.CancelledError:
+            self._finish(t, "cancelled")
+        except Exception as exc:
+            await self._fail(t, exc)
+        else:
+            self._succeed(t, result)
 
     # ------------------------------------------------------------------ stopping
     def cancel(self, task_id: str) -> bool:
@@ -845,13 +965,15 @@ class Runtime:
             return
         ctl = _ctl(t)
         ctl.stop_exc = error
-        if ctl.slot is not None:
-            ctl.slot.interrupt()  # a sync function in its thread
+        with self._watchdog.lock:  # the lock a direct task starts under (see _direct)
+            slot = ctl.slot
+            if slot is not None and slot.interrupt_locked():
+                pass  # a sync function, stopped in its thread
+            elif t._task is None and t._status == "pending":
+                # Not started (admitted from another thread): it will not start.
+                t._status = "cancelled"
         if t._task is not None:
             self._cancel_task(t, t._task)
-        elif t._status == "pending":
-            # Admitted from another thread, not spawned yet: _spawn cancels it.
-            t._status = "cancelled"
 
     def _cancel_task(self, t: TaskHandle, task: asyncio.Task[None]) -> None:
         task.cancel()
@@ -962,8 +1084,12 @@ class Runtime:
                 self._fire_soon(BeforeUnloadEvent("memory"))
             elif rss < 0.8 * limit:
                 warned = False
+            victim = None
             if rss >= limit and self._running:
-                victim = next(reversed(self._running.values()))
+                # Direct sync tasks add and remove themselves from worker threads.
+                with contextlib.suppress(RuntimeError, StopIteration):
+                    victim = next(reversed(self._running.values()))
+            if victim is not None:
                 self._stop(
                     victim,
                     MemoryLimitExceeded(
@@ -977,6 +1103,14 @@ class Runtime:
         if self._state == "new":
             msg = f"Runtime.{what}() needs a started runtime: use `async with rt:` first."
             raise RuntimeNotActive(msg)
+
+
+def _call_in_task(t: TaskHandle, spec: Spec) -> Any:
+    # Runs inside the task's own copy of the caller's context.
+    _context.current_task_var.set(t)
+    if _context.responder.get() is not None:
+        _context.responder.set(None)
+    return spec.fn(*spec.args, **spec.kwargs)
 
 
 def _retryable(exc: BaseException) -> bool:

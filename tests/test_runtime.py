@@ -735,3 +735,66 @@ async def test_max_finished_bounds_memory() -> None:
         handles = [rt.wait_until(anyio.lowlevel.checkpoint()) for _ in range(5)]
         await rt.drain(5)
         assert [rt.get(h.id) is not None for h in handles] == [False, False, True, True, True]
+
+
+# --------------------------------------------------------------------------- sync work from threads
+
+
+async def test_sync_work_from_a_thread_succeeds_and_fails_like_any_task() -> None:
+    events: list[bgtasks.UnhandledRejectionEvent] = []
+    async with Runtime() as rt:
+        rt.on("unhandledrejection", events.append)
+        var.set("request")
+
+        def ok(x: int) -> tuple[int, str, str | None]:
+            task = bgtasks.current_task()
+            return x * 2, var.get(), task.id if task else None
+
+        def bad() -> None:
+            raise KeyError("missing")
+
+        def submit() -> tuple[bgtasks.TaskHandle, bgtasks.TaskHandle]:
+            return rt.wait_until(ok, 21), rt.wait_until(bad)
+
+        good, failing = await anyio.to_thread.run_sync(submit)
+        good_record = await good.wait(5)
+        assert good_record.result == [42, "request", good.id]
+        assert (await failing.wait(5)).status == "failed"
+        assert await rt.drain(5)
+    assert [type(e.error) for e in events] == [KeyError]
+
+
+async def test_sync_work_from_a_thread_cancelled_pending_and_running() -> None:
+    async with Runtime(max_threads=1, shutdown_grace=5) as rt:
+        started = threading.Event()
+
+        def blocker() -> None:
+            started.set()
+            while True:
+                time.sleep(0.01)
+
+        def submit() -> tuple[bgtasks.TaskHandle, bgtasks.TaskHandle]:
+            return rt.wait_until(blocker), rt.wait_until(lambda: "never")
+
+        running, queued = await anyio.to_thread.run_sync(submit)
+        assert await anyio.to_thread.run_sync(started.wait, 5)
+        assert queued.status == "pending"  # the only worker thread is busy
+        assert queued.cancel() and running.cancel()
+        assert (await running.wait(5)).status == "cancelled"
+        assert (await queued.wait(5)).status == "cancelled"
+        assert await rt.drain(5)
+
+
+async def test_shutdown_interrupts_sync_work_started_from_a_thread() -> None:
+    rt = Runtime(shutdown_grace=0.1)
+    async with rt:
+
+        def forever() -> None:
+            while True:
+                time.sleep(0.01)
+
+        handle = await anyio.to_thread.run_sync(lambda: rt.wait_until(forever))
+        with anyio.fail_after(5):
+            while handle.status != "running":
+                await anyio.sleep(0.01)
+    assert handle.status == "cancelled"
