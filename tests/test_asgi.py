@@ -784,12 +784,12 @@ def test_yield_dependency_pattern_open_a_new_session_inside_the_task() -> None:
 
 
 # ---------------------------------------------------------------------- the example app
-def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    path = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app" / "app.py"
-    spec = importlib.util.spec_from_file_location("bgtasks_fastapi_example", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The example's default store is a SQLite file in the working directory.
+    monkeypatch.setenv("BGTASKS_STORE", f"sqlite:///{tmp_path}/example.db")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.delitem(sys.modules, "examples.fastapi_app.app", raising=False)
+    example = importlib.import_module("examples.fastapi_app.app")
     monkeypatch.setattr(example.random, "random", lambda: 0.5)  # no chance failures
     rt: bgtasks.Runtime = example.runtime
     with TestClient(example.app) as client:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 
-STORE = os.environ.get("BGTASKS_STORE", "memory")
+# The embedded default: one SQLite file holds every task, so a 202 survives a
+# crash and any worker (uvicorn --workers 4) answers any status URL.
+# BGTASKS_STORE=memory keeps everything in memory instead.
+STORE = os.environ.get("BGTASKS_STORE", "sqlite:///bgtasks-example.db")
 
 import asyncio  # noqa: E402
 import itertools  # noqa: E402
@@ -112,9 +115,12 @@ class ProviderDown(Exception):
 
 
 @app.post("/emails", status_code=202)
-@bgtasks.background(name="send_email", retries=2)
+@bgtasks.background(name="send_email", retries=2, durable=True)
 async def send_email(email: Email) -> str:
     """Send through a flaky provider; a failed attempt is retried (twice at most).
+
+    ``durable=True``: the email is journaled in the SQLite file before the 202
+    goes out, and sent by the next start if this process dies first.
 
     The fake provider always fails the first attempt for ``@flaky.example``
     addresses, and one call in ten otherwise.
