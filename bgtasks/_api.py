@@ -178,6 +178,19 @@ class _Options(Generic[P, R]):
         limits: Limits | None,
         idempotency_key: str | None,
     ) -> TaskHandle:
+        if (
+            self.kind == "async"
+            and self.retries == 0
+            and limits is None
+            and self.limits is None
+            and not self.durable
+            and idempotency_key is None
+        ):
+            # The common case takes wait_until's coroutine fast path.
+            rt = self.runtime or active()
+            if rt.limits.unlimited:
+                fn = _context.wrap_work(self.fn)
+                return rt.wait_until(fn(*args, **kwargs), name=self.name)
         rt, spec = self._prepare(args, kwargs, limits)
         if self.durable or idempotency_key is not None:
             from ._durable import submit_durable
