@@ -150,11 +150,10 @@ class StatusRoutes:
             # 404, not 403: a refused reader learns nothing, not even that the id exists.
             return not_found()
         if method == "DELETE":
-            if record.status in FINISHED:
-                return _json(
-                    409, {"detail": f"Task already {record.status}", "status": record.status}
-                )
-            runtime.cancel(record.id)
+            if record.status in FINISHED or not runtime.cancel(record.id):
+                # Finished before (or while) we looked: there is nothing to cancel.
+                status = (runtime.get(record.id) or record).status
+                return _json(409, {"detail": f"Task already {status}", "status": status})
             return _record(
                 202, runtime.get(record.id) or record, include_result=self.include_result
             )
