@@ -206,13 +206,12 @@ class _Options(Generic[P, R]):
         limits: Limits | None,
         idempotency_key: str | None,
     ) -> TaskHandle:
-        """``schedule`` for async wrappers: a journal write is awaited, not waited on."""
-        rt, spec = self._prepare(args, kwargs, limits)
-        if self.durable or idempotency_key is not None:
-            from ._durable import submit_durable_async
+        """``schedule`` of a durable or keyed call from the event loop: the journal
+        write is awaited, not waited on."""
+        from ._durable import submit_durable_async
 
-            return await submit_durable_async(rt, self, spec, idempotency_key)
-        return rt.submit(spec, name=self.name)
+        rt, spec = self._prepare(args, kwargs, limits)
+        return await submit_durable_async(rt, self, spec, idempotency_key)
 
     def _prepare(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], limits: Limits | None
