@@ -97,12 +97,13 @@ class Spec:
 class _Ctl:
     """Per-task control state, created only for tasks that need it."""
 
-    __slots__ = ("callbacks", "slot", "stop_exc")
+    __slots__ = ("callbacks", "claimed", "slot", "stop_exc")
 
     def __init__(self) -> None:
         self.slot: Slot | None = None
         self.stop_exc: BaseException | None = None
         self.callbacks: list[Callable[[], None]] = []
+        self.claimed = False  # a direct task's ending is being recorded
 
 
 def _ctl(t: TaskHandle) -> _Ctl:
@@ -713,7 +714,7 @@ class Runtime:
                 slot.interrupt()
                 # Give the thread a moment to unwind; one blocked in a system call
                 # cannot be interrupted and is abandoned (it is a daemon thread).
-                await asyncio.wait((fut,), timeout=1.0)
+                await asyncio.wait((fut,), timeout=_ABANDON_AFTER)
                 raise
             finally:
                 ctl.slot = None
@@ -855,7 +856,8 @@ class Runtime:
                 t._started_at = _now()
                 slot.arm()
         if not run:  # cancelled before it started
-            self._finish_direct(t, "cancelled", None)
+            if self._claim(t):
+                self._finish_direct(t, "cancelled", None)
             return
         self._running[t._id] = t
         try:
@@ -864,6 +866,8 @@ class Runtime:
         except BaseException as exc:
             value, ok = exc, False
         slot.disarm_safely()
+        if not self._claim(t):  # abandoned meanwhile (see _abandon)
+            return
         if ok and not inspect.isawaitable(value):
             self._finish_direct(t, "succeeded", self._jsonable(t, value))
         elif ok:  # a sync callable that returned a coroutine: the loop awaits it
@@ -876,6 +880,32 @@ class Runtime:
                 self._adopt(t, self._fail(t, stop))
         else:
             self._adopt(t, self._fail(t, value))
+
+    def _claim(self, t: TaskHandle) -> bool:
+        """Whether the caller is the one to record how a direct task ended."""
+        ctl = _ctl(t)
+        with self._lock:
+            if ctl.claimed:
+                return False
+            ctl.claimed = True
+            return True
+
+    def _abandon(self, t: TaskHandle) -> None:
+        """A stopped direct task whose thread did not stop: record it as stopped."""
+        if t._status in FINISHED or not self._claim(t):
+            return
+        logger.warning(
+            "bgtasks: task %s (%s) did not stop within %.0fs of being stopped (blocked in a "
+            "system call?); its thread is abandoned and its outcome will be ignored",
+            t._id,
+            t._name,
+            _ABANDON_AFTER,
+        )
+        stop = t._x.stop_exc if t._x is not None else None
+        if stop is None:
+            self._finish_direct(t, "cancelled", None)
+        else:
+            self._adopt(t, self._fail(t, stop))
 
     def _finish_direct(self, t: TaskHandle, status: TaskStatus, result: Any) -> None:
         """``_finish`` for a direct task, on its worker thread."""
@@ -968,7 +998,10 @@ class Runtime:
         with self._watchdog.lock:  # the lock a direct task starts under (see _direct)
             slot = ctl.slot
             if slot is not None and slot.interrupt_locked():
-                pass  # a sync function, stopped in its thread
+                if t._task is None and loop is not None:
+                    # A direct task blocked in a system call sees the interrupt only
+                    # when the call returns: give it a moment, then let it go.
+                    loop.call_later(_ABANDON_AFTER, self._abandon, t)
             elif t._task is None and t._status == "pending":
                 # Not started (admitted from another thread): it will not start.
                 t._status = "cancelled"
@@ -1103,6 +1136,9 @@ class Runtime:
         if self._state == "new":
             msg = f"Runtime.{what}() needs a started runtime: use `async with rt:` first."
             raise RuntimeNotActive(msg)
+
+
+_ABANDON_AFTER = 1.0  # seconds a stopped thread gets before it is abandoned
 
 
 def _call_in_task(t: TaskHandle, spec: Spec) -> Any:

@@ -798,3 +798,25 @@ async def test_shutdown_interrupts_sync_work_started_from_a_thread() -> None:
             while handle.status != "running":
                 await anyio.sleep(0.01)
     assert handle.status == "cancelled"
+
+
+async def test_stopped_thread_blocked_in_a_system_call_is_abandoned() -> None:
+    async with Runtime() as rt:
+        release = threading.Event()
+        started = threading.Event()
+
+        def blocked() -> str:
+            started.set()
+            release.wait(10)  # a C-level wait: the interrupt waits for it to return
+            return "late"
+
+        handle = await anyio.to_thread.run_sync(lambda: rt.wait_until(blocked))
+        assert await anyio.to_thread.run_sync(started.wait, 5)
+        t0 = time.monotonic()
+        assert handle.cancel()
+        assert (await handle.wait(5)).status == "cancelled"
+        assert time.monotonic() - t0 < 3
+        release.set()
+        assert await rt.drain(5)
+        await anyio.sleep(0.05)
+        assert handle.status == "cancelled"  # the late outcome is ignored
