@@ -486,28 +486,19 @@ class Runtime:
                 raise RuntimeNotActive(msg)
             msg = "the runtime is shutting down and accepts no new work; retry on another worker."
             raise RegistryFull(msg, retry_after=1.0)
-        max_pending = self.max_pending
         if _get_ident() == self._loop_thread_id:
-            if max_pending is not None and self._unfinished + self._foreign >= max_pending:
-                full: bool | None = True
-            elif self._memory_high:
-                full = None
-            else:
-                full = False
+            full = self._full()
+            if not full:
                 self._unfinished += 1
         else:
             with self._lock:
-                if max_pending is not None and self._unfinished + self._foreign >= max_pending:
-                    full = True
-                elif self._memory_high:
-                    full = None
-                else:
-                    full = False
+                full = self._full()
+                if not full:
                     self._foreign += 1
-        if full is not False:
+        if full:
             if type(work) is _CoroutineType:
                 work.close()
-            if full:
+            if full == "pending":
                 msg = (
                     f"too many unfinished tasks (max_pending={self.max_pending}); "
                     "retry later or raise Runtime(max_pending=...)."
@@ -522,6 +513,13 @@ class Runtime:
         t._work = work
         self._registry[t._id] = t
         return t
+
+    def _full(self) -> Literal["pending", "memory", ""]:
+        """Why new work is refused now ("" if it is not)."""
+        max_pending = self.max_pending
+        if max_pending is not None and self._unfinished + self._foreign >= max_pending:
+            return "pending"
+        return "memory" if self._memory_high else ""
 
     def _retract(self, t: TaskHandle) -> None:
         """Undo ``_admit`` of a task never launched (its journal write failed, or
