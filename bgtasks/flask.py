@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 try:
     import flask
     from flask import current_app, g, has_request_context, request
+    from flask.ctx import RequestContext
+    from flask.globals import request_ctx
     from werkzeug.datastructures import FileStorage, ImmutableMultiDict
     from werkzeug.wrappers import Response as WerkzeugResponse
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -193,26 +195,24 @@ class _FlaskMiddleware(BackgroundMiddleware):
 class _FlaskResponder:
     """The Responder of one Flask request (see ``bgtasks._context.Responder``)."""
 
-    __slots__ = ("idempotency_key", "routes")
+    __slots__ = ("_chain", "idempotency_key", "routes")
 
     def __init__(self, idempotency_key: str | None, routes: _http.StatusRoutes) -> None:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
             idempotency_key = None
         self.idempotency_key = idempotency_key
         self.routes = routes
+        # The request's view and what it wraps, found once (both the @background
+        # wrapper and ``wrap`` ask).
+        self._chain: tuple[Any, ...] | None = None
 
     def is_endpoint(self, fn: Any) -> bool:
-        if not has_request_context():
-            return False
-        view = current_app.view_functions.get(request.endpoint)  # type: ignore[arg-type]
-        # Decorators above @background (login_required, ...) wrap it with functools.wraps.
-        for _ in range(16):
-            if view is fn:
-                return True
-            view = getattr(view, "__wrapped__", None)
-            if view is None:
+        chain = self._chain
+        if chain is None:
+            if not has_request_context():
                 return False
-        return False
+            chain = self._chain = _view_chain(request_ctx._get_current_object())  # type: ignore[attr-defined]
+        return any(view is fn for view in chain)
 
     def accepted(self, handle: TaskHandle) -> flask.Response:
         status_url = request.script_root + self.routes.url_path(handle.id)
@@ -222,14 +222,15 @@ class _FlaskResponder:
         """Carry this request's app and request context into ``work``."""
         if not has_request_context():
             return work
+        ctx: RequestContext = request_ctx._get_current_object()  # type: ignore[attr-defined]
         if inspect.iscoroutine(work):
-            carry = _Carry(endpoint=False)
+            carry = _Carry(ctx, endpoint=False)
             coro: Any = _await_in_context(carry, work)
             coro.__qualname__ = work.__qualname__
             return coro
         if not callable(work):
             return work
-        carry = _Carry(endpoint=self.is_endpoint(work))
+        carry = _Carry(ctx, endpoint=self.is_endpoint(work))
         if is_async_callable(work):
 
             @functools.wraps(work)
@@ -239,12 +240,24 @@ class _FlaskResponder:
 
             return run_async
 
-        @functools.wraps(work)
+        # Not functools.wraps: on every request, and nothing reads the copy's
+        # metadata (the task is named before it is wrapped).
         def run(*args: Any, **kwargs: Any) -> Any:
-            with carry.pushed():
-                return carry.result(work(*args, **kwargs))
+            return carry.call(work, args, kwargs)
 
+        run.__wrapped__ = work  # type: ignore[attr-defined]
         return run
+
+
+def _view_chain(ctx: RequestContext) -> tuple[Any, ...]:
+    """The request's view function and what it wraps (decorators above
+    ``@background``, such as ``login_required``, wrap it with functools.wraps)."""
+    view = ctx.app.view_functions.get(ctx.request.endpoint)  # type: ignore[arg-type]
+    chain: list[Any] = []
+    while view is not None and len(chain) < 16:
+        chain.append(view)
+        view = getattr(view, "__wrapped__", None)
+    return tuple(chain)
 
 
 async def _await_in_context(carry: _Carry, coro: Any) -> Any:
@@ -252,19 +265,49 @@ async def _await_in_context(carry: _Carry, coro: Any) -> Any:
         return await coro
 
 
+# What RequestContext.__init__ sets in the Flask versions _TaskRequestContext
+# knows; any other layout takes the general path (app.request_context).
+_CTX_ATTRS = frozenset(
+    (
+        "app",
+        "request",
+        "url_adapter",
+        "flashes",
+        "_session",
+        "_after_request_functions",
+        "_cv_tokens",
+    )
+)
+
+
 class _Carry:
     """What a task needs to rebuild its request's context, taken in the request."""
 
-    __slots__ = ("app", "body", "endpoint", "environ", "files", "form", "g")
+    __slots__ = (
+        "app",
+        "body",
+        "endpoint",
+        "environ",
+        "fast",
+        "files",
+        "form",
+        "g",
+        "routing_exception",
+        "url_adapter",
+        "url_rule",
+        "view_args",
+    )
 
-    def __init__(self, *, endpoint: bool) -> None:
-        app: flask.Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-        req = request._get_current_object()  # type: ignore[attr-defined]
+    def __init__(self, ctx: RequestContext, *, endpoint: bool) -> None:
+        app = ctx.app
+        req = ctx.request
         self.app = app
         self.endpoint = endpoint
         # Read the body now: once the response is sent the server may discard it.
         self.body: bytes = req.get_data(cache=True)
-        self.environ = {k: v for k, v in req.environ.items() if k not in _DROP}
+        self.environ = dict(req.environ)
+        for key in _DROP:
+            self.environ.pop(key, None)
         self.environ["CONTENT_LENGTH"] = str(len(self.body))
         self.form: ImmutableMultiDict[str, str] | None = None
         self.files: ImmutableMultiDict[str, FileStorage] | None = None
@@ -277,21 +320,40 @@ class _Carry:
                 [(k, _copy_file(f)) for k, f in req.files.items(multi=True)]
             )
         self.g = dict(vars(g._get_current_object()))
+        # The request's URL adapter (read-only once bound) and routing result:
+        # the task's context reuses them instead of binding and matching again.
+        self.fast = type(ctx) is RequestContext and vars(ctx).keys() == _CTX_ATTRS
+        self.url_adapter = ctx.url_adapter
+        self.url_rule = req.url_rule
+        view_args = req.view_args
+        self.view_args = None if view_args is None else dict(view_args)
+        self.routing_exception = req.routing_exception
 
-    @contextlib.contextmanager
-    def pushed(self) -> Iterator[None]:
+    def contexts(self) -> tuple[flask.ctx.AppContext, RequestContext]:
+        """A fresh app context (the request's own has been torn down, or will be)
+        holding a copy of ``g``, and a fresh request context; neither pushed."""
         app = self.app
         environ = dict(self.environ)
         environ["wsgi.input"] = io.BytesIO(self.body)  # fresh for every attempt
-        # A fresh app context: the request's own has been torn down (or will be).
-        with app.app_context() as app_ctx:
-            vars(app_ctx.g).update(self.g)
-            ctx = app.request_context(environ)
-            if self.form is not None and self.files is not None:
-                ctx.request.form = self.form
-                ctx.request.files = self.files
-            with ctx:
-                yield
+        app_ctx = app.app_context()
+        vars(app_ctx.g).update(self.g)
+        ctx = _TaskRequestContext(self, environ) if self.fast else app.request_context(environ)
+        if self.form is not None and self.files is not None:
+            ctx.request.form = self.form
+            ctx.request.files = self.files
+        return app_ctx, ctx
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``fn(*args, **kwargs)`` inside the rebuilt contexts, as a task result."""
+        app_ctx, ctx = self.contexts()
+        with app_ctx, ctx:
+            return self.result(fn(*args, **kwargs))
+
+    @contextlib.contextmanager
+    def pushed(self) -> Iterator[None]:
+        app_ctx, ctx = self.contexts()
+        with app_ctx, ctx:
+            yield
 
     def result(self, rv: Any) -> Any:
         """A view's return value as a task result: a response becomes its JSON or text."""
@@ -301,6 +363,37 @@ class _Carry:
         if response.is_json:
             return response.get_json(silent=True)
         return response.get_data(as_text=True)
+
+
+class _TaskRequestContext(RequestContext):
+    """A task's request context: the request's bound URL adapter and routing
+    result are reused rather than computed again (they do not change)."""
+
+    def __init__(self, carry: _Carry, environ: WSGIEnvironment) -> None:
+        # RequestContext.__init__ without create_url_adapter (Flask 2.3 to 3.1;
+        # _Carry.fast checked the layout on the request's own context).
+        app = carry.app
+        request = app.request_class(environ)
+        request.json_module = app.json
+        self.app = app
+        self.request = request
+        self.url_adapter = carry.url_adapter
+        self.flashes = None
+        self._session = None
+        self._after_request_functions = []
+        self._cv_tokens = []
+        self._carry = carry
+        if carry.url_adapter is None and carry.routing_exception is not None:
+            request.routing_exception = carry.routing_exception
+
+    def match_request(self) -> None:
+        carry = self._carry
+        request = self.request
+        if carry.routing_exception is not None:
+            request.routing_exception = carry.routing_exception
+        else:
+            request.url_rule = carry.url_rule
+            request.view_args = None if carry.view_args is None else dict(carry.view_args)
 
 
 def _copy_file(f: FileStorage) -> FileStorage:

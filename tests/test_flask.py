@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from flask import Flask, current_app, g, jsonify, request, url_for
+from flask import globals as flask_globals
+from flask.ctx import RequestContext
 from flask.testing import FlaskClient
 
 import bgtasks
@@ -311,6 +313,68 @@ def test_wait_until_from_a_sync_view(app: Flask) -> None:
     assert first.name.endswith("audit")
     assert second.result == "notified t 7"
     assert second.name.endswith("notify")
+
+
+def test_the_task_reuses_the_requests_routing(app: Flask) -> None:
+    seen: dict[str, Any] = {}
+
+    @app.url_value_preprocessor
+    def pop_lang(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        if values is not None and "lang" in values:
+            g.lang = values.pop("lang")
+
+    @app.get("/<lang>/items/<int:item>")
+    @bgtasks.background
+    def item(item: int) -> None:
+        ctx_type = type(flask_globals.request_ctx._get_current_object())
+        seen.update(
+            item=item,
+            lang=g.lang,
+            endpoint=request.endpoint,
+            rule=request.url_rule.rule if request.url_rule else None,
+            url=url_for("item", lang="en", item=item + 1, _external=True),
+            fast=ctx_type is not RequestContext,
+        )
+
+    @app.errorhandler(404)
+    def missing(exc: Exception) -> tuple[str, int]:
+        # Work scheduled where routing failed still gets a request context.
+        seen["missing"] = bgtasks.wait_until(lambda: (request.path, request.endpoint)).id
+        return "nope", 404
+
+    client = app.test_client()
+    r = client.get("/fr/items/7", base_url="http://shop.example:8080")
+    assert r.status_code == 202
+    assert finished(app, r.get_json()["id"]).status == "succeeded"
+    assert seen == {
+        "item": 7,
+        "lang": "fr",
+        "endpoint": "item",
+        "rule": "/<lang>/items/<int:item>",
+        "url": "http://shop.example:8080/en/items/8",
+        "fast": True,
+    }
+    assert client.get("/nowhere").status_code == 404
+    assert finished(app, seen["missing"]).result == ["/nowhere", None]
+
+
+def test_an_app_with_its_own_request_context_class_keeps_it(app: Flask) -> None:
+    class MyContext(RequestContext):
+        pass
+
+    def request_context(environ: Any) -> RequestContext:
+        return MyContext(app, environ)
+
+    app.request_context = request_context  # type: ignore[method-assign]
+
+    @app.post("/x/<int:n>")
+    @bgtasks.background
+    def x(n: int) -> list[Any]:
+        ctx = flask_globals.request_ctx._get_current_object()
+        return [type(ctx).__name__, n, request.view_args, url_for("x", n=n + 1)]
+
+    r = app.test_client().post("/x/3")
+    assert finished(app, r.get_json()["id"]).result == ["MyContext", 3, {"n": 3}, "/x/4"]
 
 
 def test_idempotency_key_header_returns_the_same_task(app: Flask) -> None:
