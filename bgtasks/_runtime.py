@@ -289,14 +289,21 @@ class Runtime:
                     logger.warning("bgtasks: beforeunload handlers outlasted shutdown_grace")
             remaining = max(0.0, deadline - loop.time())
             if not await self._wait_idle(remaining):
-                leftover = [t for t in self._registry.values() if t._status not in FINISHED]
+                # A "failed" task whose rejection handlers still run has not ended.
+                leftover = [
+                    t
+                    for t in self._registry.values()
+                    if t._status not in FINISHED or t._task is not None
+                ]
                 logger.warning(
                     "bgtasks: %d task(s) still unfinished after shutdown_grace=%.1fs; %s",
                     len(leftover),
                     self.shutdown_grace,
                     "cancelling them" if not self.store.durable else "stopping them",
                 )
-                await self.store.before_cancel(self, leftover)
+                await self.store.before_cancel(
+                    self, [t for t in leftover if t._status not in FINISHED]
+                )
                 for t in leftover:
                     self._stop(t, None)
                 # Cancelled coroutines finish at once; a thread stuck in a system call is
@@ -332,7 +339,13 @@ class Runtime:
         while True:
             if self._unfinished or self._foreign:
                 fut: asyncio.Future[None] = loop.create_future()
-                self._idle_waiters.append(fut)
+                # Under the lock a direct task finishes under (_finish_direct): it
+                # either sees this waiter or has already made the counts zero.
+                with self._lock:
+                    self._idle_waiters.append(fut)
+                    idle = not self._unfinished and not self._foreign
+                if idle:
+                    self._wake_if_idle()
                 await fut
                 continue
             hooks = [t for t in self._side_tasks if getattr(t, "_bgtasks_hook", False)]
@@ -417,7 +430,7 @@ class Runtime:
                     "wait_until(fn(a, b)) or wait_until(fn, a, b)."
                 )
                 raise TypeError(msg)
-            if limits is None:
+            if limits is None and self.limits.unlimited:
                 # The hot path, kept flat: admit, then one create_task.
                 t = self._admit(name or aw.__qualname__, aw)
                 if _get_ident() == self._loop_thread_id:
@@ -777,17 +790,29 @@ class Runtime:
         self.store.save(t)
         handlers = self._handlers["unhandledrejection"]
         event = UnhandledRejectionEvent(t.record, exc)
-        if handlers:
-            await dispatch(handlers, event)
-        if not event.default_prevented:
-            logger.error(
-                "bgtasks: task %s (%s) failed after %d attempt(s)",
-                t._id,
-                t._name,
-                t._attempts,
-                exc_info=(type(exc), exc, exc.__traceback__),
-            )
-        self._finish(t, "failed")
+        try:
+            if handlers:
+                # Bounded: a hung handler must not keep the task (and drain) open.
+                bound = max(self.shutdown_grace, _HOOK_MIN_TIMEOUT)
+                try:
+                    await asyncio.wait_for(dispatch(handlers, event), bound)
+                except asyncio.TimeoutError:
+                    logger.warning(
+                        "bgtasks: unhandledrejection handlers for task %s outlasted %.1fs; "
+                        "they were cancelled",
+                        t._id,
+                        bound,
+                    )
+            if not event.default_prevented:
+                logger.error(
+                    "bgtasks: task %s (%s) failed after %d attempt(s)",
+                    t._id,
+                    t._name,
+                    t._attempts,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
+        finally:  # cancelled in a handler (shutdown) or not: the task has ended
+            self._finish(t, "failed")
 
     def _finish(self, t: TaskHandle, status: TaskStatus) -> None:
         t._status = status
@@ -919,7 +944,8 @@ class Runtime:
             if ctl is not None:
                 callbacks, ctl.callbacks = ctl.callbacks, []
             self._foreign -= 1
-            idle = not self._foreign and not self._unfinished
+            # Read with the counts, under the lock _until_idle registers under.
+            wake = bool(self._idle_waiters) and not self._foreign and not self._unfinished
         if self.retention > 0:
             finished = self._finished
             finished.append((now, t._id))
@@ -928,7 +954,7 @@ class Runtime:
                     self._registry.pop(finished.popleft()[1], None)
         else:
             self._registry.pop(t._id, None)
-        if (callbacks or (idle and self._idle_waiters)) and self._loop is not None:
+        if (callbacks or wake) and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 self._loop.call_soon_threadsafe(self._after_direct, t, callbacks)
 
@@ -1119,7 +1145,10 @@ class Runtime:
             if rss >= limit and self._running:
                 # Direct sync tasks add and remove themselves from worker threads.
                 with contextlib.suppress(RuntimeError, StopIteration):
-                    victim = next(reversed(self._running.values()))
+                    # Newest first, skipping one already failed (its hooks still run).
+                    victim = next(
+                        t for t in reversed(self._running.values()) if t._status == "running"
+                    )
             if victim is not None:
                 self._stop(
                     victim,
@@ -1137,6 +1166,7 @@ class Runtime:
 
 
 _ABANDON_AFTER = 1.0  # seconds a stopped thread gets before it is abandoned
+_HOOK_MIN_TIMEOUT = 1.0  # unhandledrejection handlers get max(shutdown_grace, this)
 
 
 def _call_in_task(t: TaskHandle, spec: Spec) -> Any:

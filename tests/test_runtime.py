@@ -820,3 +820,127 @@ async def test_stopped_thread_blocked_in_a_system_call_is_abandoned() -> None:
         assert await rt.drain(5)
         await anyio.sleep(0.05)
         assert handle.status == "cancelled"  # the late outcome is ignored
+
+
+# --------------------------------------------------------------------------- runtime defaults
+
+
+async def test_runtime_limits_apply_to_a_plain_coroutine() -> None:
+    async def spin() -> None:
+        x = 0
+        while True:
+            x += 1
+
+    async with Runtime(limits=Limits(wall_clock=0.2), shutdown_grace=0) as rt:
+        slow = await rt.wait_until(asyncio.sleep(30)).wait(5)
+        assert slow.error is not None and slow.error.type == "WallClockLimitExceeded"
+    async with Runtime(limits=Limits(cpu_time=0.2), shutdown_grace=0) as rt:
+        busy = await bgtasks.wait_until(spin()).wait(5)
+        assert busy.error is not None and busy.error.type == "CPULimitExceeded"
+
+
+async def test_backoff_waits_grow_between_attempts() -> None:
+    stamps: list[float] = []
+    backoff = bgtasks.Backoff(initial=0.1, max=0.25, jitter=0)
+    async with Runtime(backoff=backoff) as rt:
+
+        @rt.background(retries=3)
+        async def flaky() -> None:
+            stamps.append(time.monotonic())
+            raise ConnectionError("try again")
+
+        record = await flaky().wait(10)
+    assert record.status == "failed" and record.attempts == 4
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    # exponential from 0.1, capped at 0.25: 0.1, 0.2, 0.25 (no jitter)
+    for gap, least in zip(gaps, (0.1, 0.2, 0.25)):
+        assert gap >= least * 0.95, gaps
+    assert gaps[2] < 1.0, gaps  # capped
+
+
+async def test_hung_rejection_handler_is_bounded() -> None:
+    async with Runtime(shutdown_grace=0.3) as rt:
+
+        @rt.on("unhandledrejection")
+        async def hang(event: bgtasks.UnhandledRejectionEvent) -> None:
+            await asyncio.sleep(30)
+
+        async def boom() -> None:
+            raise ValueError("x")
+
+        t0 = time.monotonic()
+        record = await rt.wait_until(boom()).wait(10)
+        assert record.status == "failed"
+        assert time.monotonic() - t0 < 5  # the handler got max(grace, 1 s), not 30 s
+        assert await rt.drain(1)
+
+
+async def test_shutdown_cuts_a_rejection_handler_off() -> None:
+    started = asyncio.Event()
+    rt = Runtime(shutdown_grace=0.2)
+    async with rt:
+
+        @rt.on("unhandledrejection")
+        async def hang(event: bgtasks.UnhandledRejectionEvent) -> None:
+            started.set()
+            await asyncio.sleep(30)
+
+        async def boom() -> None:
+            raise ValueError("x")
+
+        handle = rt.wait_until(boom())
+        await asyncio.wait_for(started.wait(), 5)
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 3
+    assert handle.status == "failed"
+    assert rt._unfinished == 0
+
+
+async def test_raising_beforeunload_handlers_break_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+    async with Runtime(shutdown_grace=1) as rt:
+
+        @rt.on("beforeunload")
+        def sync_boom(event: bgtasks.BeforeUnloadEvent) -> None:
+            raise RuntimeError("sync handler failed")
+
+        @rt.on("beforeunload")
+        async def async_boom(event: bgtasks.BeforeUnloadEvent) -> None:
+            raise RuntimeError("async handler failed")
+
+        @rt.on("beforeunload")
+        def last(event: bgtasks.BeforeUnloadEvent) -> None:
+            seen.append(event.reason)
+
+        async def work() -> str:
+            await asyncio.sleep(0.05)
+            return "ok"
+
+        handle = rt.wait_until(work())
+    assert seen == ["shutdown"]
+    assert handle.status == "succeeded"
+    assert "sync handler failed" in caplog.text and "async handler failed" in caplog.text
+
+
+async def test_module_wait_until_none_inside_a_runtime() -> None:
+    async with Runtime():
+        with pytest.raises(TypeError, match=r"wait_until\(send_email, to\)"):
+            bgtasks.wait_until(None)
+
+
+async def test_drain_sees_direct_tasks_finishing_on_threads() -> None:
+    # Many sync tasks submitted from a thread finish on worker threads while the
+    # loop registers drain's waiter: drain must never miss the wake-up.
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        async with Runtime() as rt:
+            for _ in range(30):
+                await asyncio.to_thread(lambda: [rt.wait_until(int) for _ in range(20)])
+                assert await rt.drain(5)
+    finally:
+        sys.setswitchinterval(old)
