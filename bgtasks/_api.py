@@ -221,7 +221,7 @@ class _Options(Generic[P, R]):
         if self.kind == "process":
             from ._process import check_picklable
 
-            check_picklable(args, kwargs)
+            check_picklable(args, kwargs, fn=self.fn)
         fn = self.fn if self.kind == "process" else _context.wrap_work(self.fn)
         return rt, Spec(self.kind, fn, args, kwargs, lim, self.retries)
 

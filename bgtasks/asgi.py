@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _IDEMPOTENCY_HEADER = b"idempotency-key"
 _MAX_KEY = 255
+# How far the middleware looks down a chain of middleware or mounted apps.
+_MAX_DEPTH = 32
 _ACCEPTED_DESCRIPTION = "Accepted: the work is scheduled; follow Location for its status."
 
 
@@ -219,7 +222,7 @@ class BackgroundMiddleware:
             raise  # as Starlette does: servers and test clients expect both
         self._ready = True
         self._lazy = False
-        document_background_routes(scope.get("app"))
+        self._prepare_app(scope)
         state = _LifespanState()
 
         async def app_receive() -> Message:
@@ -295,7 +298,7 @@ class BackgroundMiddleware:
                 await rt.start()
             self._ready = True
             self._lazy = True
-            document_background_routes(scope.get("app"))
+            self._prepare_app(scope)
             logger.warning(
                 "bgtasks: the ASGI server did not run the lifespan protocol, so the runtime "
                 "was started by the first request and shutdown cannot drain it: tasks still "
@@ -303,6 +306,29 @@ class BackgroundMiddleware:
                 "(uvicorn's default; not --lifespan off)."
             )
             return rt
+
+    def _prepare_app(self, scope: Scope) -> None:
+        """Get the app ready as the runtime starts: 202 in OpenAPI, 503 in every Starlette app.
+
+        ``scope["app"]`` is the Starlette app when the middleware was added
+        with ``app.add_middleware``; wrapped directly
+        (``BackgroundMiddleware(app)``), the middleware is outside the app and
+        the scope carries none yet, so the wrapped app is looked for too.
+        """
+        outer = scope.get("app")
+        inner = _framework_app(self.app)
+        for app in (outer, inner) if inner is not outer else (outer,):
+            if app is not None:
+                document_background_routes(app)
+        # A Starlette app's ServerErrorMiddleware sends a 500 for any exception
+        # and re-raises it, so a RegistryFull raised in a Starlette app this
+        # middleware is outside of (the wrapped app, mounted sub-applications)
+        # must be answered in that app, by an exception handler.
+        try:
+            for app in _starlette_apps(inner):
+                _answer_overload(app)
+        except Exception:  # like documentation, this must never stop an app from starting
+            logger.exception("bgtasks: could not install the RegistryFull handler in the app")
 
     @staticmethod
     def _check_loop(rt: Runtime) -> None:
@@ -446,6 +472,85 @@ def _registry_full(exc: BaseException) -> RegistryFull | None:
         found: RegistryFull | None = _registry_full(inner[0])
         return found
     return None
+
+
+def _framework_app(app: Any) -> Any:
+    """The app with routes under ``app``'s chain of middleware (``.app``), or ``app``."""
+    node = app
+    for _ in range(_MAX_DEPTH):
+        if node is None:
+            break
+        if getattr(node, "routes", None) is not None:
+            return node
+        node = getattr(node, "app", None)
+    return app
+
+
+def _starlette_apps(app: Any) -> list[Any]:
+    """``app`` if it is a Starlette app, and every Starlette app mounted under it."""
+    applications = sys.modules.get("starlette.applications")
+    routing = sys.modules.get("starlette.routing")
+    if applications is None or routing is None:  # no Starlette app can exist
+        return []
+    starlette: type = applications.Starlette
+    mounts = (routing.Mount, routing.Host)
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(node: Any, depth: int) -> None:
+        node = _framework_app(node)
+        if id(node) in seen or depth > _MAX_DEPTH:
+            return
+        seen.add(id(node))
+        if isinstance(node, starlette):
+            found.append(node)
+        for route in getattr(node, "routes", None) or ():
+            if isinstance(route, mounts):
+                visit(route.app, depth + 1)
+
+    visit(app, 0)
+    return found
+
+
+def _answer_overload(app: Any) -> None:
+    """Answer ``RegistryFull`` in the Starlette app ``app`` with 503, unless it does already."""
+    for key, handler in app.exception_handlers.items():
+        if (
+            isinstance(key, type)
+            and key is not Exception  # the 500 handler: ServerErrorMiddleware's, too late
+            and issubclass(RegistryFull, key)
+            and handler is not _overload_handler
+        ):
+            return  # the app's own handler for RegistryFull (or a base class) decides
+    app.add_exception_handler(RegistryFull, _overload_handler)
+    node = app.middleware_stack
+    if node is None:  # built on the app's first call, with the handler
+        return
+    # Built already: its ExceptionMiddleware copied the handlers; tell it too.
+    from starlette.middleware.exceptions import ExceptionMiddleware
+
+    for _ in range(_MAX_DEPTH):
+        if node is None or node is app.router:
+            break
+        if isinstance(node, ExceptionMiddleware):
+            node.add_exception_handler(RegistryFull, _overload_handler)
+            return
+        node = getattr(node, "app", None)
+    logger.warning(
+        "bgtasks: %s was started before BackgroundMiddleware saw it and its exception "
+        "middleware was not found, so RegistryFull raised in it answers 500, not 503; "
+        "add the middleware with app.add_middleware(BackgroundMiddleware) instead.",
+        type(app).__name__,
+    )
+
+
+async def _overload_handler(request: Any, exc: Exception) -> Any:
+    """A Starlette exception handler: ``RegistryFull`` -> 503 with ``Retry-After``."""
+    assert isinstance(exc, RegistryFull)
+    reply = overloaded(exc)
+    if request.method == "HEAD":
+        reply = Reply(reply.status, reply.headers, b"")
+    return _response(reply)
 
 
 def _is_async(fn: Any) -> bool:

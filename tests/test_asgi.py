@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import bgtasks
+from bgtasks import RegistryFull
 from bgtasks._ids import new_id
 from bgtasks.asgi import BackgroundMiddleware, accepted_response, document_background_routes
 from bgtasks.stores import MemoryStore
@@ -62,6 +64,19 @@ def make_app(rt: bgtasks.Runtime | None = None, **options: Any) -> tuple[FastAPI
     return app, rt
 
 
+# The two ways to use the middleware: added to the app (inside its
+# ServerErrorMiddleware) or wrapping it (outside everything the app builds).
+HOW = ["add_middleware", "direct"]
+
+
+def serve(app: Starlette, how: str, **options: Any) -> Any:
+    """The ASGI app to run: ``app`` with the middleware added, or wrapped in it."""
+    if how == "add_middleware":
+        app.add_middleware(BackgroundMiddleware, **options)
+        return app
+    return BackgroundMiddleware(app, **options)
+
+
 def finished(rt: bgtasks.Runtime, task_id: str) -> bgtasks.TaskRecord:
     handle = rt.handle(task_id)
     assert handle is not None, f"the runtime does not know task {task_id}"
@@ -69,15 +84,17 @@ def finished(rt: bgtasks.Runtime, task_id: str) -> bgtasks.TaskRecord:
 
 
 # ---------------------------------------------------------------------- 202 routes
-def test_background_endpoint_answers_202_and_the_location_reports_success() -> None:
-    app, rt = make_app()
+@pytest.mark.parametrize("how", HOW)
+def test_background_endpoint_answers_202_and_the_location_reports_success(how: str) -> None:
+    rt = bgtasks.Runtime(shutdown_grace=5.0)
+    app = FastAPI()
 
     @app.post("/items")
     @bgtasks.background
     async def make_item(item: Item) -> dict[str, Any]:
         return {"made": item.name, "qty": item.qty}
 
-    with TestClient(app) as client:
+    with TestClient(serve(app, how, runtime=rt)) as client:
         r = client.post("/items", json={"name": "bolt", "qty": 3})
         assert r.status_code == 202
         body = r.json()
@@ -403,9 +420,10 @@ def test_status_reads_of_a_non_memory_store_run_off_the_event_loop() -> None:
 
 
 # ---------------------------------------------------------------------- overload
-def test_registry_full_becomes_503_with_retry_after() -> None:
+@pytest.mark.parametrize("how", HOW)
+def test_registry_full_becomes_503_with_retry_after(how: str) -> None:
     rt = bgtasks.Runtime(max_pending=1, shutdown_grace=5.0)
-    app, _ = make_app(rt)
+    app = FastAPI()
     release = threading.Event()
 
     @app.post("/job")
@@ -417,7 +435,8 @@ def test_registry_full_becomes_503_with_retry_after() -> None:
     async def plain() -> dict[str, str]:
         return {"id": bgtasks.wait_until(asyncio.sleep(0)).id}
 
-    with TestClient(app) as client:
+    # A 500 would raise here: the TestClient re-raises what the app raised.
+    with TestClient(serve(app, how, runtime=rt)) as client:
         try:
             assert client.post("/job").status_code == 202
             for path in ("/job", "/plain"):
@@ -431,14 +450,77 @@ def test_registry_full_becomes_503_with_retry_after() -> None:
         assert client.post("/job").status_code == 202
 
 
+@pytest.mark.parametrize("how", HOW)
+def test_registry_full_in_a_mounted_app_becomes_503_too(how: str) -> None:
+    # A mounted FastAPI app has its own ServerErrorMiddleware: the middleware is
+    # outside it however it was added.
+    rt = bgtasks.Runtime(max_pending=1, shutdown_grace=5.0)
+    app, sub = FastAPI(), FastAPI()
+    release = threading.Event()
+
+    @sub.post("/job")
+    @bgtasks.background
+    def job() -> None:
+        release.wait(WAIT)
+
+    app.mount("/v2", sub)
+    with TestClient(serve(app, how, runtime=rt)) as client:
+        try:
+            assert client.post("/v2/job").status_code == 202
+            r = client.post("/v2/job")
+            assert (r.status_code, r.headers["retry-after"]) == (503, "1")
+            assert "max_pending=1" in r.json()["detail"]
+        finally:
+            release.set()
+        wait_idle(client, rt)
+    assert RegistryFull not in app.exception_handlers or how == "direct"
+
+
+async def refuse() -> None:
+    """An endpoint whose work the runtime refused, as ``wait_until`` may."""
+    raise RegistryFull("the runtime holds max_pending=7 unfinished tasks", retry_after=2.6)
+
+
+def test_wrapping_an_app_that_already_ran_still_answers_503() -> None:
+    app = FastAPI()
+    app.post("/refused")(refuse)
+
+    with TestClient(app) as client:  # builds the app's middleware stack
+        client.get("/")
+    assert app.middleware_stack is not None
+    with TestClient(BackgroundMiddleware(app)) as client:
+        r = client.post("/refused")
+        assert (r.status_code, r.headers["retry-after"]) == (503, "3")
+        assert r.json() == {"detail": "the runtime holds max_pending=7 unfinished tasks"}
+        head = client.head("/missing")  # the app's own answers are untouched
+        assert head.status_code == 404
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_the_apps_own_registry_full_handler_is_kept(how: str) -> None:
+    app = FastAPI()
+    app.post("/refused")(refuse)
+
+    async def busy(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"busy": str(exc)}, status_code=429)
+
+    app.add_exception_handler(bgtasks.BgTasksError, busy)
+    with TestClient(serve(app, how)) as client:
+        r = client.post("/refused")
+        assert r.status_code == 429 and "max_pending=7" in r.json()["busy"]
+    assert app.exception_handlers[bgtasks.BgTasksError] is busy
+    assert RegistryFull not in app.exception_handlers
+
+
 def wait_idle(client: TestClient, rt: bgtasks.Runtime) -> None:
     assert client.portal is not None
     assert client.portal.call(rt.drain, WAIT)
 
 
 # ---------------------------------------------------------------------- OpenAPI
-def test_openapi_documents_202_with_the_accepted_body_and_the_request_as_before() -> None:
-    app, _ = make_app()
+@pytest.mark.parametrize("how", HOW)
+def test_openapi_documents_202_with_the_accepted_body_and_the_request_as_before(how: str) -> None:
+    app = FastAPI()
 
     @app.post("/reports/{org}")
     @bgtasks.background
@@ -454,7 +536,7 @@ def test_openapi_documents_202_with_the_accepted_body_and_the_request_as_before(
     async def normal(item: Item) -> Report:
         return Report(url="x")
 
-    with TestClient(app) as client:
+    with TestClient(serve(app, how)) as client:
         schema = client.get("/openapi.json").json()
     op = schema["paths"]["/reports/{org}"]["post"]
     assert set(op["responses"]) == {"202", "422"}
@@ -466,8 +548,15 @@ def test_openapi_documents_202_with_the_accepted_body_and_the_request_as_before(
     assert {p["name"]: p["in"] for p in op["parameters"]} == {"org": "path", "year": "query"}
     accepted = schema["components"]["schemas"]["TaskAccepted"]
     assert set(accepted["properties"]) == {"id", "status", "status_url"}
-    assert "Report" not in schema["components"]["schemas"] or "/normal" in schema["paths"]
     assert set(schema["paths"]["/explicit"]["post"]["responses"]) == {"202", "422"}
+    for path in ("/reports/{org}", "/explicit"):
+        background_op = schema["paths"][path]["post"]
+        # The handler's return type (Report) is the task's result, not the answer.
+        assert "Report" not in json.dumps(background_op["responses"]), path
+        assert background_op["requestBody"] == op["requestBody"], path
+    assert op["requestBody"]["required"] is True
+    item = schema["components"]["schemas"]["Item"]
+    assert set(item["properties"]) == {"name", "qty"} and item["required"] == ["name"]
     normal_ok = schema["paths"]["/normal"]["post"]["responses"]["200"]
     assert normal_ok["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Report"
@@ -529,7 +618,8 @@ def test_base_http_middleware_neither_delays_the_202_nor_cancels_the_task(where:
 
 
 # ---------------------------------------------------------------------- lifespan
-def test_lifespan_composes_with_the_apps_own_lifespan() -> None:
+@pytest.mark.parametrize("how", HOW)
+def test_lifespan_composes_with_the_apps_own_lifespan(how: str) -> None:
     events: list[str] = []
     rt = bgtasks.Runtime(shutdown_grace=5.0)
     warm_done = threading.Event()
@@ -546,7 +636,7 @@ def test_lifespan_composes_with_the_apps_own_lifespan() -> None:
         events.append(f"app shutdown (runtime started={rt.started})")
 
     app = FastAPI(lifespan=lifespan)
-    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    served = serve(app, how, runtime=rt)
 
     @rt.on("beforeunload")
     def unloading(event: bgtasks.BeforeUnloadEvent) -> None:
@@ -557,7 +647,7 @@ def test_lifespan_composes_with_the_apps_own_lifespan() -> None:
     async def job() -> None:
         events.append("job ran")
 
-    with TestClient(app) as client:
+    with TestClient(served) as client:
         assert rt.started
         assert client.post("/job").status_code == 202
         assert warm_done.wait(WAIT)

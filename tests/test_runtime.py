@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import threading
 import time
@@ -851,9 +852,9 @@ async def test_backoff_waits_grow_between_attempts() -> None:
 
         record = await flaky().wait(10)
     assert record.status == "failed" and record.attempts == 4
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     # exponential from 0.1, capped at 0.25: 0.1, 0.2, 0.25 (no jitter)
-    for gap, least in zip(gaps, (0.1, 0.2, 0.25)):
+    for gap, least in zip(gaps, (0.1, 0.2, 0.25), strict=True):
         assert gap >= least * 0.95, gaps
     assert gaps[2] < 1.0, gaps  # capped
 
