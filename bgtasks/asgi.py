@@ -316,19 +316,19 @@ class BackgroundMiddleware:
         the scope carries none yet, so the wrapped app is looked for too.
         """
         outer = scope.get("app")
-        inner = _framework_app(self.app)
-        for app in (outer, inner) if inner is not outer else (outer,):
-            if app is not None:
-                document_background_routes(app)
-        # A Starlette app's ServerErrorMiddleware sends a 500 for any exception
-        # and re-raises it, so a RegistryFull raised in a Starlette app this
-        # middleware is outside of (the wrapped app, mounted sub-applications)
-        # must be answered in that app, by an exception handler.
         try:
+            inner = _framework_app(self.app)
+            for app in (outer, inner) if inner is not outer else (outer,):
+                if app is not None:
+                    document_background_routes(app)
+            # A Starlette app's ServerErrorMiddleware sends a 500 for any exception
+            # and re-raises it, so a RegistryFull raised in a Starlette app this
+            # middleware is outside of (the wrapped app, mounted sub-applications)
+            # must be answered in that app, by an exception handler.
             for app in _starlette_apps(inner):
                 _answer_overload(app)
         except Exception:  # like documentation, this must never stop an app from starting
-            logger.exception("bgtasks: could not install the RegistryFull handler in the app")
+            logger.exception("bgtasks: could not prepare the app (202 in OpenAPI, 503 handlers)")
 
     @staticmethod
     def _check_loop(rt: Runtime) -> None:

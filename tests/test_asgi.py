@@ -483,7 +483,7 @@ async def refuse() -> None:
 
 def test_wrapping_an_app_that_already_ran_still_answers_503() -> None:
     app = FastAPI()
-    app.post("/refused")(refuse)
+    app.api_route("/refused", methods=["POST", "HEAD"])(refuse)
 
     with TestClient(app) as client:  # builds the app's middleware stack
         client.get("/")
@@ -492,8 +492,10 @@ def test_wrapping_an_app_that_already_ran_still_answers_503() -> None:
         r = client.post("/refused")
         assert (r.status_code, r.headers["retry-after"]) == (503, "3")
         assert r.json() == {"detail": "the runtime holds max_pending=7 unfinished tasks"}
-        head = client.head("/missing")  # the app's own answers are untouched
-        assert head.status_code == 404
+        head = client.head("/refused")
+        assert (head.status_code, head.content) == (503, b"")
+        assert head.headers["content-length"] == r.headers["content-length"]
+        assert client.get("/missing").status_code == 404  # the app's own answers are untouched
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -883,6 +885,8 @@ def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setattr(example.random, "random", lambda: 0.5)  # no chance failures
     rt: bgtasks.Runtime = example.runtime
     with TestClient(example.app) as client:
+        # First, so that its 2 CPU seconds run while the rest is checked.
+        too_big = client.post("/primes", params={"below": 50_000_000})
         report = client.post("/reports", json={"org_id": 3, "year": 2024, "sections": 1})
         email = client.post("/emails", json={"to": "ada@flaky.example", "subject": "hi"})
         primes = client.post("/primes", params={"below": 1000})
@@ -899,6 +903,14 @@ def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         assert sent.status == "succeeded" and sent.attempts >= 2
         assert finished(rt, primes.json()["id"]).result == 168
         assert finished(rt, order.json()["audit_task"]).status == "succeeded"
+        audit = [row for row in example.db.rows if row["table"] == "audit"]
+        assert len(audit) == 1
+        assert audit[0]["action"] == "order.created"
+        assert (audit[0]["order_id"], audit[0]["user"]) == (order.json()["id"], "ada")
+        assert too_big.status_code == 202
+        stopped = finished(rt, too_big.json()["id"])
+        assert stopped.status == "failed"
+        assert stopped.error is not None and stopped.error.type == "CPULimitExceeded"
         schema = client.get("/openapi.json").json()
         assert "202" in schema["paths"]["/reports"]["post"]["responses"]
 

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.server
 WAIT = 10.0
 
 
-def uvicorn(port: int, evidence: Path, **env: str) -> Server:
-    argv = python_argv("-m", "uvicorn", "asgi_apps:app", "--host", "127.0.0.1", "--port", str(port))
+def uvicorn(port: int, evidence: Path, *options: str, **env: str) -> Server:
+    argv = python_argv(
+        "-m", "uvicorn", "asgi_apps:app", "--host", "127.0.0.1", "--port", str(port), *options
+    )
     return Server(argv, port=port, env={"BGTASKS_EVIDENCE": str(evidence), **env})
 
 
@@ -50,8 +52,20 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
         yield srv, evidence
 
 
-def test_202_then_location_reports_succeeded(shared: tuple[Server, Path]) -> None:
-    srv, _ = shared
+@pytest.fixture(scope="module")
+def behind_base_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    """The app with a ``BaseHTTPMiddleware`` outside and another inside ours."""
+    evidence = tmp_path_factory.mktemp("asgi") / "evidence.txt"
+    with uvicorn(free_port(), evidence, BGTASKS_BASE_HTTP="1") as srv:
+        yield srv, evidence
+
+
+STACKS = ["shared", "behind_base_http"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_202_then_location_reports_succeeded(stack: str, request: pytest.FixtureRequest) -> None:
+    srv, evidence = request.getfixturevalue(stack)
     with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
         r = client.post("/sleep", params={"seconds": 0.05, "tag": "flow"})
         assert r.status_code == 202
@@ -59,6 +73,14 @@ def test_202_then_location_reports_succeeded(shared: tuple[Server, Path]) -> Non
         record = follow_until_finished(client, r.headers["location"])
         assert record["status"] == "succeeded"
         assert record["result"] == "flow"
+        # A task far longer than the client's timeout: the 202 is not held back.
+        r = client.post("/sleep", params={"seconds": 60, "tag": "held"})
+        assert r.status_code == 202
+        if stack == "behind_base_http":
+            assert r.headers["x-outer"] == r.headers["x-inner"] == "1"
+            assert has(evidence, "outer middleware flow", "inner middleware flow")
+        assert client.delete(r.headers["location"]).status_code == 202
+        assert follow_until_finished(client, r.headers["location"])["status"] == "cancelled"
 
 
 def test_overload_answers_503_with_retry_after(shared: tuple[Server, Path]) -> None:
@@ -82,18 +104,24 @@ def test_overload_answers_503_with_retry_after(shared: tuple[Server, Path]) -> N
         assert client.post("/sleep", params={"seconds": 0, "tag": "again"}).status_code == 202
 
 
+@pytest.mark.parametrize("stack", STACKS)
 def test_a_client_that_disconnects_at_once_does_not_cancel_the_task(
-    shared: tuple[Server, Path],
+    stack: str, request: pytest.FixtureRequest
 ) -> None:
-    srv, evidence = shared
-    request = (
+    srv, evidence = request.getfixturevalue(stack)
+    raw = (
         b"POST /sleep?seconds=0.2&tag=gone HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT) as sock:
-        sock.sendall(request)
+        sock.sendall(raw)
         sock.shutdown(socket.SHUT_RDWR)
     wait_for(lambda: has(evidence, "start gone", "done gone"), WAIT, "the task to finish")
-    assert "cancelled gone" not in lines(evidence)
+    got = lines(evidence)
+    assert "cancelled gone" not in got
+    if stack == "behind_base_http":  # the request did go through both of them
+        assert "outer middleware gone" in got and "inner middleware gone" in got
+    with httpx.Client(base_url=srv.url, timeout=WAIT) as client:  # and the server is fine
+        assert client.get("/_ready").json() == {"ready": True}
 
 
 def test_sigterm_drains_within_grace_and_cancels_what_outlasts_it(tmp_path: Path) -> None:
@@ -125,7 +153,8 @@ def test_hypercorn_key_flow_and_drain(tmp_path: Path) -> None:
     evidence = tmp_path / "evidence.txt"
     port = free_port()
     argv = python_argv("-m", "hypercorn", "asgi_apps:app", "--bind", f"127.0.0.1:{port}")
-    with Server(argv, port=port, env={"BGTASKS_EVIDENCE": str(evidence)}) as srv:
+    env = {"BGTASKS_EVIDENCE": str(evidence), "BGTASKS_GRACE": "5"}
+    with Server(argv, port=port, env=env) as srv:
         with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
             r = client.post("/sleep", params={"seconds": 0.05, "tag": "hyper"})
             assert r.status_code == 202
@@ -133,6 +162,35 @@ def test_hypercorn_key_flow_and_drain(tmp_path: Path) -> None:
             r = client.post("/sleep", params={"seconds": 0.5, "tag": "drained"})
             assert r.status_code == 202
         wait_for(lambda: has(evidence, "start drained"), WAIT, "the task to start")
+        began = time.monotonic()
         srv.signal(signal.SIGTERM)
-        srv.wait(WAIT)
-    assert has(evidence, "done hyper", "beforeunload shutdown", "done drained")
+        code = srv.wait(WAIT)
+        took = time.monotonic() - began
+        output = srv.output()
+    assert has(evidence, "done hyper", "beforeunload shutdown", "done drained"), output
+    assert code == 0, output  # hypercorn exits 0 after a graceful shutdown
+    assert "Traceback" not in output, output
+    # The drain ends when the 0.5 s task does, not at the 5 s grace.
+    assert took < 3.0, (took, output)
+
+
+def test_uvicorn_lifespan_off_warns_once_and_still_serves(tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence.txt"
+    with uvicorn(free_port(), evidence, "--lifespan", "off") as srv:
+        # The readiness probe was the first request: it started the runtime.
+        with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
+            assert client.get("/_ready").json() == {"ready": True}
+            locations = []
+            for i in range(3):
+                r = client.post("/sleep", params={"seconds": 0.05, "tag": f"off{i}"})
+                assert r.status_code == 202
+                locations.append(r.headers["location"])
+            for i, location in enumerate(locations):
+                record = follow_until_finished(client, location)
+                assert (record["status"], record["result"]) == ("succeeded", f"off{i}")
+        srv.signal(signal.SIGTERM)
+        code = srv.wait(WAIT)
+        output = srv.output()
+    assert code in (0, -signal.SIGTERM), output
+    assert output.count("shutdown cannot drain") == 1, output
+    assert "Waiting for application startup" not in output, output  # lifespan was off

@@ -1,6 +1,7 @@
 """A small FastAPI app whose slow work runs in the background with bgtasks.
 
-    uvicorn examples.fastapi_app.app:app          # from the repository root
+    bash scripts/example.sh                       # from the repository root: sets up and serves
+    uvicorn examples.fastapi_app.app:app          # the same, with bgtasks[fastapi] installed
     python -m examples.fastapi_app                # the same, on port 8000
 
 Routes (interactive docs at http://127.0.0.1:8000/docs):
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import os
 
-# The embedded default: one SQLite file holds every task, so a 202 survives a
-# crash and any worker (uvicorn --workers 4) answers any status URL.
-# BGTASKS_STORE=memory keeps everything in memory instead.
+# The embedded default: one SQLite file, created in the current directory,
+# holds every task, so a 202 survives a crash and any worker (uvicorn
+# --workers 4) answers any status URL. BGTASKS_STORE=memory keeps everything
+# in memory instead.
 STORE = os.environ.get("BGTASKS_STORE", "sqlite:///bgtasks-example.db")
 
 import asyncio  # noqa: E402
