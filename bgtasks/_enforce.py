@@ -109,11 +109,13 @@ class Slot:
     # --- the task's side -------------------------------------------------
     def arm(self) -> None:
         """The task's code is about to run on this thread."""
-        self.step_start = _thread_time()
         tid = _get_ident()
-        self.armed_thread = tid
-        if self.cpu_budget is not None:
+        if self.cpu_budget is not None:  # without a budget nobody reads the CPU clock
+            self.step_start = _thread_time()
+            self.armed_thread = tid
             self.watchdog.armed[tid] = self
+        else:
+            self.armed_thread = tid
 
     def disarm_safely(self) -> None:
         """The task's code has stopped running on this thread (for now).
@@ -134,12 +136,14 @@ class Slot:
             except Interrupt:
                 continue
         # Disarmed and settled: no interrupt is pending or can be fired now.
+        budget = self.cpu_budget
+        if budget is None:  # never in the watchdog's table, and not metered
+            return
         armed = self.watchdog.armed
         if armed.get(tid) is self:
             del armed[tid]
         self.cpu_base += max(0.0, _thread_time() - self.step_start)
-        budget = self.cpu_budget
-        if budget is not None and not self.warned and self.cpu_base >= 0.9 * budget:
+        if not self.warned and self.cpu_base >= 0.9 * budget:
             self.warn()
 
     disarm = disarm_safely
