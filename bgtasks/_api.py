@@ -112,6 +112,8 @@ class BackgroundFunction(Protocol[P, R]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle: ...
 
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle: ...
+
 
 class _Options(Generic[P, R]):
     """What one ``@background`` decoration fixed, shared by its bound copies."""
@@ -322,25 +324,41 @@ def _make_wrapper(
         return handle
 
     functools.update_wrapper(wrapper, fn)
+
     def using(
         *, idempotency_key: str | None = None, limits: Limits | None = None
     ) -> BackgroundFunction[P, R]:
         if limits is not None and not isinstance(limits, Limits):
             msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
             raise TypeError(msg)
+        from ._http import MAX_IDEMPOTENCY_KEY
+
         if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
+            not isinstance(idempotency_key, str)
+            or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
         ):
-            msg = "idempotency_key must be a non-empty string of at most 255 characters."
+            msg = (
+                "idempotency_key must be a non-empty string of at most "
+                f"{MAX_IDEMPOTENCY_KEY} characters."
+            )
             raise ValueError(msg)
         return _make_wrapper(opts, limits, idempotency_key)
 
     def submit(*args: Any, **kwargs: Any) -> TaskHandle:
         return opts.schedule(args, kwargs, limits=limits, idempotency_key=idempotency_key)
 
+    async def submit_async(*args: Any, **kwargs: Any) -> TaskHandle:
+        """``submit`` for coroutines: a journal write is awaited, never waited on."""
+        if opts.durable or idempotency_key is not None:
+            return await opts.schedule_async(
+                args, kwargs, limits=limits, idempotency_key=idempotency_key
+            )
+        return opts.schedule(args, kwargs, limits=limits, idempotency_key=None)
+
     bf: Any = wrapper
     bf.using = using
     bf.submit = submit
+    bf.submit_async = submit_async
     bf.options = opts
     # FastAPI documents the route from the signature; the endpoint returns 202.
     bf.__bgtasks__ = opts
@@ -397,8 +415,10 @@ def background(
     In a request handled by a bgtasks adapter, where the decorated function is
     the endpoint, the call answers ``202 Accepted`` with the status URL;
     anywhere else it returns a ``TaskHandle`` at once, for sync and async
-    functions alike. ``fn.submit(...)`` always returns a handle.
-    ``fn.__wrapped__`` is the original.
+    functions alike. ``fn.submit(...)`` always returns a handle;
+    ``await fn.submit_async(...)`` too, and in a coroutine it awaits the
+    journal write of a durable (or keyed) call instead of blocking the event
+    loop on it. ``fn.__wrapped__`` is the original.
     """
 
     def decorate(f: Callable[P, R]) -> BackgroundFunction[P, R]:

@@ -47,6 +47,7 @@ logger = logging.getLogger("bgtasks")
 _codecs: dict[Callable[..., Any], Codec] = {}
 _codecs_lock = threading.Lock()
 _warned: weakref.WeakSet[Runtime] = weakref.WeakSet()
+_warned_blocking: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 # Built at run time from a signature, which static checkers cannot follow.
 _TypedDict: Any = typing_extensions.TypedDict
@@ -112,14 +113,14 @@ class Codec:
         what = f"@background(durable=True) on {_describe(fn)}"
         signature = inspect.signature(fn)
         try:
-            hints = typing.get_type_hints(fn)
-        except NameError as exc:
+            hints = _parameter_hints(fn, signature)
+        except _Unresolved as exc:
             if lenient:
                 return None
             msg = (
-                f"{what}: an annotation names a type that cannot be found ({exc}); import it "
-                "at module level (not only under TYPE_CHECKING) so the arguments can be "
-                "validated and stored."
+                f"{what}: the annotation of parameter {exc.name!r} ({exc.annotation}) names "
+                f"a type that cannot be found ({exc.error}). Import it at module level, not "
+                "only under `if TYPE_CHECKING:`, so the arguments can be validated and stored."
             )
             raise TypeError(msg) from None
         fields: dict[str, Any] = {}
@@ -195,6 +196,42 @@ class Codec:
         return tuple(args), kwargs
 
 
+class _Unresolved(Exception):
+    """A parameter's annotation names something that does not exist (yet)."""
+
+    def __init__(self, name: str, annotation: str, error: NameError) -> None:
+        super().__init__(name)
+        self.name = name
+        self.annotation = annotation
+        self.error = error
+
+
+def _parameter_hints(fn: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:
+    """The resolved annotations of ``fn``'s parameters (not of its return: it is not
+    stored), resolved one by one so that a missing name is told by its parameter."""
+    raw: dict[str, Any] = getattr(fn, "__annotations__", None) or {}
+    hints: dict[str, Any] = {}
+    for name in signature.parameters:
+        if name not in raw:
+            continue
+        # get_type_hints on a stand-in holding this one annotation, with fn's globals.
+        one = _OneAnnotation(fn, name, raw[name])
+        try:
+            hints.update(typing.get_type_hints(one))
+        except NameError as exc:
+            ann = raw[name]
+            raise _Unresolved(name, ann if isinstance(ann, str) else repr(ann), exc) from None
+    return hints
+
+
+class _OneAnnotation:
+    __slots__ = ("__annotations__", "__globals__")
+
+    def __init__(self, fn: Callable[..., Any], name: str, annotation: Any) -> None:
+        self.__annotations__ = {name: annotation}
+        self.__globals__: dict[str, Any] = getattr(fn, "__globals__", {})
+
+
 def _check_storable(what: str, name: str, ann: Any, typ: Any) -> None:
     try:
         pydantic.TypeAdapter(typ).json_schema()
@@ -251,11 +288,23 @@ def submit_durable(
     """Submit ``spec``, returning the existing task for ``idempotency_key`` if any.
 
     With a durable store the call is journaled (committed) before this returns;
-    on the event-loop thread that is a short synchronous write (async wrappers
-    use ``submit_durable_async``, which awaits it instead).
+    on the event-loop thread that blocks the loop for the write (logged once per
+    runtime; ``fn.submit_async`` and the endpoint path use ``submit_durable_async``,
+    which awaits it instead).
     """
     begun = _begin(rt, opts, spec, idempotency_key)
     fut = begun.future
+    if begun.on_loop and begun.store.durable and rt not in _warned_blocking:
+        _warned_blocking.add(rt)
+        logger.warning(
+            "bgtasks: %s(...) was called on the event loop's thread, outside a "
+            "@background endpoint, so the loop waits for its journal write to be "
+            "committed (up to the store's busy_timeout if another process holds the "
+            "lock). In a coroutine, use `await %s.submit_async(...)`, which awaits the "
+            "write and returns the same TaskHandle.",
+            opts.fn.__name__,
+            opts.fn.__name__,
+        )
     if not fut.done():
         timeout = begun.store.journal_timeout
         try:
@@ -369,7 +418,8 @@ def _refused(begun: _Pending, exc: BaseException) -> BaseException:
     begun.store.forget_journal(begun.task._id)
     begun.rt._retract(begun.task)
     if isinstance(exc, StoreError):
-        msg = f"the call was not accepted: it could not be journaled ({exc}). Retry later."
+        why = str(exc).rstrip(".")
+        msg = f"the call was not accepted: it could not be journaled ({why}). Retry later."
         return RegistryFull(msg, retry_after=1.0)
     return exc
 

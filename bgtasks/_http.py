@@ -8,6 +8,7 @@ own protocol. Authorisation, status codes and bodies are decided here once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -20,12 +21,14 @@ from ._task import FINISHED, TaskHandle, TaskRecord, TaskStatus
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "MAX_IDEMPOTENCY_KEY",
     "Action",
     "Authorize",
     "Reply",
     "StatusRoutes",
     "TaskAccepted",
     "accepted",
+    "idempotency_key_from_header",
     "overloaded",
 ]
 
@@ -36,6 +39,9 @@ Action = Literal["read", "cancel"]
 Authorize = Callable[[Any, TaskRecord, Action], bool | Awaitable[bool]]
 
 _JSON = ("content-type", "application/json")
+
+#: Longest idempotency key stored as sent; a longer header value is hashed.
+MAX_IDEMPOTENCY_KEY = 255
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +82,34 @@ class TaskAccepted(pydantic.BaseModel):
     id: str
     status: TaskStatus
     status_url: str
+
+
+def idempotency_key_from_header(value: str | bytes | None) -> str | None:
+    """The idempotency key an ``Idempotency-Key`` header value asks for, or None.
+
+    Surrounding whitespace is dropped and an empty value means no key. A value
+    longer than ``MAX_IDEMPOTENCY_KEY`` characters becomes ``"sha256:<hex>"`` of
+    its bytes: the same header always gives the same key, within the store's
+    bound. ``value`` is the raw header (ASGI) or its latin-1 text (WSGI's
+    ``environ["HTTP_IDEMPOTENCY_KEY"]``); both give the same key.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        raw = value
+        key = value.decode("latin-1").strip()
+    else:
+        key = value.strip()
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:  # not from a WSGI server: any text will do
+            raw = value.encode("utf-8", "surrogatepass")
+    if not key:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        # The value as sent is hashed, as bgtasks.asgi always did: old keys still match.
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return key
 
 
 def not_found() -> Reply:

@@ -740,6 +740,9 @@ class ProcessPool:
                 self._checkin(worker, keep)
         if cpu_watch is not None and reply[0] == "died" and _cpu_limit_signal(reply[1]):
             cpu_watch.warn()  # the 90% look came too late (a busy machine): warn before failing
+            # A callback that hands the warning to the loop (call_soon_threadsafe,
+            # as the runtime's does) gets it handled while the task still runs.
+            await asyncio.sleep(0)
         return self._settle(reply, blob, worker, label, cpu_time, memory)
 
     async def _exchange(

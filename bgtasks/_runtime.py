@@ -123,6 +123,8 @@ def is_async_callable(fn: object) -> bool:
         fn = fn.func
     if inspect.iscoroutinefunction(fn):
         return True
+    if type(fn) is types.FunctionType:  # a function's own __call__ is never async
+        return False
     call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
     return call is not None and inspect.iscoroutinefunction(call)
 
@@ -166,6 +168,8 @@ class Runtime:
         max_threads: int = 40,
         memory_check_interval: float = 0.1,
         process_pool_size: int | None = None,
+        process_max_tasks: int | None = 100,
+        process_idle_timeout: float = 60.0,
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
@@ -182,6 +186,17 @@ class Runtime:
         _positive_int_or_none(max_threads, "max_threads")
         _positive_int_or_none(max_finished, "max_finished")
         _positive_int_or_none(process_pool_size, "process_pool_size")
+        _positive_int_or_none(process_max_tasks, "process_max_tasks")
+        if (
+            isinstance(process_idle_timeout, bool)
+            or not isinstance(process_idle_timeout, (int, float))
+            or not process_idle_timeout > 0
+        ):
+            msg = (
+                "process_idle_timeout must be a number of seconds > 0 (math.inf to keep "
+                f"idle worker processes), got {process_idle_timeout!r}."
+            )
+            raise ValueError(msg)
         for value, what in (
             (shutdown_grace, "shutdown_grace"),
             (retention, "retention"),
@@ -201,6 +216,8 @@ class Runtime:
         self.max_threads = max_threads
         self.memory_check_interval = float(memory_check_interval)
         self.process_pool_size = process_pool_size
+        self.process_max_tasks = process_max_tasks
+        self.process_idle_timeout = float(process_idle_timeout)
         self._store_arg = store
         self.store: Store = _open_store_spec(store)
         self._persist = self.store.durable  # records go to the store at every transition
@@ -742,7 +759,11 @@ class Runtime:
         if pool is None:
             from ._process import ProcessPool
 
-            pool = self._process_pool = ProcessPool(size=self.process_pool_size)
+            pool = self._process_pool = ProcessPool(
+                size=self.process_pool_size,
+                max_tasks_per_worker=self.process_max_tasks,
+                idle_timeout=self.process_idle_timeout,
+            )
 
         def progress(done: float, total: float | None, message: str | None) -> None:
             t._report_progress(done, total, message)

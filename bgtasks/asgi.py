@@ -13,7 +13,6 @@ middleware without it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import logging
 import sys
@@ -22,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from . import _context
 from ._errors import RegistryFull, RuntimeNotActive
-from ._http import DEFAULT_PREFIX, Authorize, Reply, StatusRoutes, _json, accepted, overloaded
+from ._http import (
+    DEFAULT_PREFIX,
+    Authorize,
+    Reply,
+    StatusRoutes,
+    _json,
+    accepted,
+    idempotency_key_from_header,
+    overloaded,
+)
 from ._runtime import Runtime
 from .stores.memory import MemoryStore
 
@@ -40,7 +48,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _IDEMPOTENCY_HEADER = b"idempotency-key"
-_MAX_KEY = 255
 # How far the middleware looks down a chain of middleware or mounted apps.
 _MAX_DEPTH = 32
 _ACCEPTED_DESCRIPTION = "Accepted: the work is scheduled; follow Location for its status."
@@ -375,13 +382,7 @@ class _Request:
     def idempotency_key(self) -> str | None:
         for name, value in self._scope["headers"]:
             if name == _IDEMPOTENCY_HEADER:
-                key: str = value.decode("latin-1").strip()
-                if not key:
-                    return None
-                if len(key) > _MAX_KEY:
-                    # Keep the key's meaning (same key, same task) within the store's bound.
-                    key = "sha256:" + hashlib.sha256(value).hexdigest()
-                return key
+                return idempotency_key_from_header(value)
         return None
 
     @idempotency_key.setter

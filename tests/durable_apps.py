@@ -90,3 +90,12 @@ async def work(n: int) -> dict[str, Any]:
     while not gate_open():
         await asyncio.sleep(0.02)
     return {"n": n, "pid": os.getpid()}
+
+
+@app.post("/orders")
+@bgtasks.background(durable=True, name="durable_apps.order")
+async def order(order: Order) -> dict[str, Any]:
+    """A durable endpoint whose JSON body is a pydantic model: stored, and rebuilt on replay."""
+    while not gate_open():
+        await asyncio.sleep(0.02)
+    return {"sku": order.sku, "qty": order.qty, "pid": os.getpid()}

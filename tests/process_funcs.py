@@ -164,4 +164,85 @@ def bg_crash() -> None:
 
 @bgtasks.background(isolation="process", limits=bgtasks.Limits(wall_clock=0.5))
 def bg_sleep() -> None:
+    _report_pid()
     time.sleep(30)
+
+
+def _report_pid() -> None:
+    """Show the worker's pid as the task's progress (``done``), message "started"."""
+    task = bgtasks.current_task()
+    assert task is not None
+    task.report_progress(os.getpid(), None, "started")
+
+
+@bgtasks.background(isolation="process")
+def bg_add(a: int, b: int) -> int:
+    return a + b
+
+
+@bgtasks.background(isolation="process")
+def bg_pid() -> int:
+    return os.getpid()
+
+
+@bgtasks.background(isolation="process")
+async def bg_async_sum_and_pid(a: int, b: int) -> tuple[int, int]:
+    await asyncio.sleep(0.01)
+    return a + b, os.getpid()
+
+
+@bgtasks.background(isolation="process")
+def bg_allocate(size: int) -> int:
+    return allocate(size)
+
+
+@bgtasks.background(isolation="process")
+def bg_long_c_call() -> int:
+    return len(long_c_call())
+
+
+@bgtasks.background(isolation="process", retries=1)
+def bg_crash_before_attempt(succeed_on: int) -> int:
+    """Kill the worker on every attempt before ``succeed_on``; return the attempt."""
+    task = bgtasks.current_task()
+    assert task is not None
+    if task.attempt < succeed_on:
+        os._exit(9)
+    return task.attempt
+
+
+@bgtasks.background(isolation="process")
+def bg_count_with_progress(n: int) -> int:
+    task = bgtasks.current_task()
+    assert task is not None
+    for i in range(1, n + 1):
+        task.report_progress(i, n, f"step {i}")
+    return n
+
+
+@bgtasks.background(isolation="process")
+def bg_report_pid_then_sleep(seconds: float) -> None:
+    _report_pid()
+    time.sleep(seconds)
+
+
+@bgtasks.background(durable=True, isolation="process")
+def durable_wait_for(gate: str) -> int:
+    """Durable and isolated: wait in the worker until ``gate`` exists; answer its pid."""
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@bgtasks.background(durable=True)
+def append_id(path: str) -> None:
+    """Durable: append this task's id and pid to ``path``, a log of every run.
+
+    Here rather than in durable_apps (which builds a FastAPI app) so that the
+    processes that replay it start quickly.
+    """
+    task = bgtasks.current_task()
+    assert task is not None
+    # One short line written at once to a file opened for appending: lines never interleave.
+    with open(path, "a") as f:
+        f.write(f"{task.id} {os.getpid()}\n")

@@ -2,8 +2,9 @@
 workers) holding accepted durable tasks, restart on the same SQLite file, and
 every task completes; two processes answer for each other's tasks.
 
-The app is tests/durable_apps.py: ``POST /work?n=`` is a durable
-``@background`` endpoint whose task waits for a gate file.
+The app is tests/durable_apps.py: ``POST /work?n=`` (and ``POST /orders``,
+whose body is a pydantic model) is a durable ``@background`` endpoint whose
+task waits for a gate file.
 """
 
 from __future__ import annotations
@@ -85,18 +86,24 @@ def test_uvicorn_kill_9_then_restart_runs_every_accepted_task(tmp_path: Path) ->
         keyed = submit(srv, 6, key="order-6")
         assert submit(srv, 60, key="order-6") == keyed
         ids.append(keyed)
+        # A durable endpoint whose body is a pydantic model.
+        r = httpx.post(f"{srv.url}/orders", json={"sku": "s-7", "qty": 7}, timeout=10)
+        assert r.status_code == 202, r.text
+        order = r.json()["id"]
         # A 202 means "journaled": the rows are in the file before the crash.
-        assert set(rows(db)) == set(ids)
+        assert set(rows(db)) == {*ids, order}
         srv.kill()  # SIGKILL: no lifespan shutdown, no cleanup
     assert set(rows(db).values()) <= {"pending", "running"}
 
     gate.touch()
     with uvicorn(db, gate) as srv:
-        records = all_succeed(srv, ids, 10)
+        records = all_succeed(srv, [*ids, order], 10)
         pid = httpx.get(f"{srv.url}/_ready", timeout=5).json()["pid"]
+    *records, placed = records
     assert [r["result"]["n"] for r in records] == list(range(7))
+    assert placed["result"] == {"sku": "s-7", "qty": 7, "pid": pid}
     assert {r["result"]["pid"] for r in records} == {pid}
-    assert all(r["attempts"] in (1, 2) for r in records)
+    assert all(r["attempts"] in (1, 2) for r in [*records, placed])
 
 
 def test_two_processes_share_status_and_idempotency_keys(tmp_path: Path) -> None:

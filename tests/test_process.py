@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
+import math
+import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +49,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process limits 
 MiB = 1024 * 1024
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
-    return "asyncio"
+    return "asyncio"  # module scope: the shared runtime below lives across tests
 
 
 @pytest.fixture
@@ -186,10 +189,17 @@ async def test_no_cpu_warning_within_budget(pool: ProcessPool) -> None:
 
 
 @pytest.mark.anyio
-async def test_cpu_limit_is_relative_to_what_the_worker_used(pool: ProcessPool) -> None:
-    # The worker has already spent CPU on its start; a small budget still holds.
-    first = await run(pool, pf.pid, cpu_time=0.2)
-    assert await run(pool, pf.pid, cpu_time=0.2) == first
+async def test_cpu_limit_is_relative_to_what_the_worker_used() -> None:
+    async with ProcessPool(size=1) as pool:
+        worker = await run(pool, pf.pid)
+        assert await run(pool, pf.burn, 1.2) == 1.2  # no limit: the worker is past 1.2 CPU s
+        # A limit counted from the worker's start (RLIMIT_CPU at 0.5 s) would stop
+        # this at once: the task gets its whole budget on top of what was used.
+        assert await run(pool, pf.burn, 0.3, cpu_time=0.5) == 0.3
+        assert await run(pool, pf.pid) == worker
+        with pytest.raises(CPULimitExceeded, match=r"CPU limit of 0\.5s"):
+            await run(pool, pf.burn, 1.0, cpu_time=0.5)
+        assert gone(worker)
 
 
 @pytest.mark.anyio
@@ -488,19 +498,239 @@ def test_check_picklable_names_the_argument() -> None:
 
 
 # --------------------------------------------------------------- in the runtime
+#
+# One runtime (and its two workers) serves the tests below that need no options
+# of their own, so they share the cost of starting worker processes. Each test
+# looks only at its own tasks and events, and leaves nothing running.
+
+
+@dataclasses.dataclass
+class Shared:
+    rt: bgtasks.Runtime
+    unloads: list[bgtasks.BeforeUnloadEvent]
+    rejections: list[bgtasks.UnhandledRejectionEvent]
+
+    def unloads_of(self, handle: bgtasks.TaskHandle) -> list[str]:
+        return [e.reason for e in self.unloads if e.task is not None and e.task.id == handle.id]
+
+    def rejections_of(self, handle: bgtasks.TaskHandle) -> list[str]:
+        return [type(e.error).__name__ for e in self.rejections if e.task.id == handle.id]
+
+
+@pytest.fixture(scope="module")
+async def shared_runtime() -> AsyncIterator[Shared]:
+    rt = bgtasks.Runtime(
+        process_pool_size=2,
+        backoff=bgtasks.Backoff(initial=0.01, max=0.05, jitter=0.0),
+        shutdown_grace=5.0,
+    )
+    shared = Shared(rt, [], [])
+    rt.on("beforeunload", shared.unloads.append)
+    rt.on("unhandledrejection", shared.rejections.append)
+    # anyio runs fixtures and tests in one task, so the tests see rt as the
+    # active runtime (@background functions schedule on it).
+    async with rt:
+        yield shared
+
+
+@pytest.fixture
+async def shared(shared_runtime: Shared) -> AsyncIterator[Shared]:
+    yield shared_runtime
+    assert await shared_runtime.rt.drain(10), "a test left tasks running"
+
+
+async def until(predicate: Callable[[], object], seconds: float = 10.0) -> None:
+    with anyio.fail_after(seconds):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+def reported_pid(handle: bgtasks.TaskHandle) -> int | None:
+    """The pid a task showed as its progress (see process_funcs._report_pid)."""
+    progress = handle.record.progress
+    return None if progress is None else int(progress.done)
 
 
 @pytest.mark.anyio
-async def test_runtime_runs_isolated_tasks_and_keeps_serving() -> None:
-    async with bgtasks.Runtime() as rt:
-        crash, spin, sleep = pf.bg_crash(), pf.bg_spin(), pf.bg_sleep()
-        records = [await handle.wait(20) for handle in (crash, spin, sleep)]
-        assert [(r.status, r.error and r.error.type) for r in records] == [
-            ("failed", "WorkerCrashed"),
-            ("failed", "CPULimitExceeded"),
-            ("failed", "WallClockLimitExceeded"),
-        ]
-        assert "exited with code 7" in (records[0].error.message if records[0].error else "")
-        done = await pf.bg_double(21).wait(20)
-        assert (done.status, done.result) == ("succeeded", 42)
-        assert rt.stats()["failed"] == 3
+async def test_runtime_runs_an_async_function_in_a_worker(shared: Shared) -> None:
+    record = await pf.bg_async_sum_and_pid(2, 3).wait(20)
+    assert record.status == "succeeded"
+    assert record.result is not None
+    total, worker = record.result
+    assert total == 5
+    assert worker != os.getpid()
+    assert worker in shared.rt._process_pool.pids
+
+
+@pytest.mark.anyio
+async def test_runtime_refuses_unpicklable_arguments_naming_the_parameter(
+    shared: Shared,
+) -> None:
+    before = shared.rt.stats()
+    with pytest.raises(TypeError, match=r"^argument 'b' \(position 1\) \(lock\) cannot be pickled"):
+        pf.bg_add(1, threading.Lock())
+    with pytest.raises(TypeError, match=r"^keyword argument 'b' \(lock\) cannot be pickled"):
+        pf.bg_add(1, b=threading.Lock())
+    assert shared.rt.stats() == before  # refused before a task was created
+
+
+def test_a_lambda_or_nested_function_is_refused_at_decoration() -> None:
+    isolate = bgtasks.background(isolation="process")
+    with pytest.raises(TypeError, match=r"is a lambda.*Define it with def at the top level"):
+        isolate(lambda: None)
+
+    def nested() -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"inside another function.*Move it to the top level"):
+        isolate(nested)
+
+
+@pytest.mark.anyio
+async def test_runtime_memory_limit(shared: Shared) -> None:
+    hog = pf.bg_allocate.using(limits=bgtasks.Limits(memory="64MiB"))(256 * MiB)
+    record = await hog.wait(20)
+    assert record.status == "failed"
+    assert record.error is not None
+    assert record.error.type == "MemoryLimitExceeded"
+    assert f"memory limit of {64 * MiB} bytes" in record.error.message
+    await until(lambda: shared.rejections_of(hog))
+    assert shared.rejections_of(hog) == ["MemoryLimitExceeded"]
+    # The limit went with the task: the same allocation now succeeds.
+    again = await pf.bg_allocate(256 * MiB).wait(20)
+    assert (again.status, again.result) == ("succeeded", 256 * MiB)
+
+
+@pytest.mark.anyio
+async def test_runtime_cpu_limit_stops_one_long_c_call(shared: Shared) -> None:
+    handle = pf.bg_long_c_call.using(limits=bgtasks.Limits(cpu_time=0.5))()
+    record = await handle.wait(20)
+    assert record.status == "failed"
+    assert record.error is not None
+    assert record.error.type == "CPULimitExceeded"
+    assert "CPU limit of 0.5s" in record.error.message
+    assert record.attempts == 1  # a limit is not retried
+    # beforeunload at 90% of the CPU budget, with the task; then the rejection.
+    await until(lambda: shared.unloads_of(handle) and shared.rejections_of(handle))
+    assert shared.unloads_of(handle) == ["cpu"]
+    assert shared.rejections_of(handle) == ["CPULimitExceeded"]
+
+
+@pytest.mark.anyio
+async def test_runtime_retries_a_task_whose_worker_crashed(shared: Shared) -> None:
+    # retries=1: the first attempt kills its worker, the second runs on a new one.
+    flaky = pf.bg_crash_before_attempt(2)
+    record = await flaky.wait(20)
+    assert (record.status, record.attempts, record.result) == ("succeeded", 2, 2)
+
+    doomed = pf.bg_crash_before_attempt(3)
+    record = await doomed.wait(20)
+    assert (record.status, record.attempts) == ("failed", 2)
+    assert record.error is not None
+    assert record.error.type == "WorkerCrashed"
+    assert "exited with code 9" in record.error.message
+    await until(lambda: shared.rejections_of(doomed))
+    await anyio.sleep(0.05)  # a second event, were there one, would be on its way
+    assert shared.rejections_of(doomed) == ["WorkerCrashed"]  # once, after the last attempt
+    assert shared.rejections_of(flaky) == []
+
+
+@pytest.mark.anyio
+async def test_runtime_progress_from_a_worker_shows_in_the_record(shared: Shared) -> None:
+    record = await pf.bg_count_with_progress(3).wait(20)
+    assert record.status == "succeeded"
+    assert record.progress == bgtasks.Progress(done=3, total=3, message="step 3")
+
+
+@pytest.mark.anyio
+async def test_runtime_cancel_kills_the_worker(shared: Shared) -> None:
+    handle = pf.bg_report_pid_then_sleep(30)
+    await until(lambda: reported_pid(handle))  # progress while running
+    worker = reported_pid(handle)
+    assert worker is not None
+    assert handle.record.progress == bgtasks.Progress(done=worker, message="started")
+    assert handle.cancel()
+    record = await handle.wait(10)
+    assert record.status == "cancelled"
+    assert gone(worker)  # killed and reaped before the task ended
+    assert worker not in shared.rt._process_pool.pids
+    nxt = await pf.bg_pid().wait(20)
+    assert nxt.status == "succeeded"
+    assert nxt.result != worker
+
+
+@pytest.mark.anyio
+async def test_runtime_wall_clock_kills_and_replaces_the_worker(shared: Shared) -> None:
+    warm = await pf.bg_pid().wait(20)  # an idle worker, so start-up is not timed
+    handle = pf.bg_sleep()  # reports its pid, then sleeps past wall_clock=0.5
+    record = await handle.wait(20)
+    assert record.status == "failed"
+    assert record.error is not None
+    assert record.error.type == "WallClockLimitExceeded"
+    worker = reported_pid(handle)
+    assert worker == warm.result  # the idle worker took it
+    assert gone(worker)
+    assert worker not in shared.rt._process_pool.pids
+    await until(lambda: shared.rejections_of(handle))
+    assert shared.unloads_of(handle) == ["wall_clock"]
+    nxt = await pf.bg_pid().wait(20)
+    assert nxt.status == "succeeded"
+    assert nxt.result != worker
+
+
+# --------------------------------------------------- runtime options for the pool
+
+
+@pytest.mark.anyio
+async def test_runtime_pool_options_are_honoured() -> None:
+    rt = bgtasks.Runtime(process_pool_size=1, process_max_tasks=2, process_idle_timeout=0.3)
+    async with rt:
+        await rt.wait_until(pf.add, 1, 2).wait(10)
+        assert rt._process_pool is None  # lazy: no pool before the first isolated task
+
+        handles = [pf.bg_pid() for _ in range(3)]  # submitted together
+        pids = [(await h.wait(20)).result for h in handles]
+        pool = rt._process_pool
+        assert (pool.size, pool.max_tasks_per_worker, pool.idle_timeout) == (1, 2, 0.3)
+        # One worker at a time (two would have shared the first two tasks), and
+        # it is replaced after its second task.
+        assert pids[0] == pids[1] != pids[2]
+        await until(lambda: gone(pids[0]))
+
+        # The idle worker stops after process_idle_timeout.
+        await until(lambda: not pool.pids, 5)
+        assert gone(pids[2])
+
+        last = (await pf.bg_pid().wait(20)).result
+        assert pool.pids == [last]
+    # Shutdown stops the workers.
+    assert gone(last)
+    assert pool.pids == []
+
+
+def test_runtime_pool_defaults() -> None:
+    rt = bgtasks.Runtime()
+    assert (rt.process_pool_size, rt.process_max_tasks, rt.process_idle_timeout) == (
+        None,
+        100,
+        60.0,
+    )
+    unlimited = bgtasks.Runtime(process_max_tasks=None, process_idle_timeout=math.inf)
+    assert unlimited.process_max_tasks is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("process_pool_size", 0, "process_pool_size must be a positive int or None"),
+        ("process_max_tasks", 0, "process_max_tasks must be a positive int or None"),
+        ("process_max_tasks", 2.5, "process_max_tasks must be a positive int or None"),
+        ("process_idle_timeout", 0, r"process_idle_timeout must be a number of seconds > 0"),
+        ("process_idle_timeout", -1.0, r"process_idle_timeout must be a number of seconds > 0"),
+        ("process_idle_timeout", "60", r"\(math.inf to keep idle worker processes\), got '60'"),
+        ("process_idle_timeout", True, r"got True\.$"),
+    ],
+)
+def test_runtime_pool_options_are_validated(option: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        bgtasks.Runtime(**{option: value})  # type: ignore[arg-type]

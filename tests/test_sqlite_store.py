@@ -214,6 +214,59 @@ async def test_max_crashes_fails_a_task_that_keeps_killing_its_process(tmp_path:
         assert "died 2 times" in record.error.message
 
 
+async def test_a_renewed_lease_keeps_a_long_task_and_orphans_are_claimed_each_poll(
+    tmp_path: Path,
+) -> None:
+    import durable_apps
+
+    db, gate = tmp_path / "t.db", tmp_path / "gate"
+    lease, poll = 0.25, 0.05
+    options = f"lease={lease}&poll={poll}"
+    durable_apps.GATE = gate
+    try:
+        a, b = (bgtasks.Runtime(store=url(db, options), shutdown_grace=1) for _ in "ab")
+        async with a, b:
+            token = bgtasks._context.active_runtime.set(a)
+            try:
+                h = await durable_apps.gated.submit_async(1)
+            finally:
+                bgtasks._context.active_runtime.reset(token)
+            # Three lease periods: without renewal a's lease would expire after the
+            # first, and b, looking every poll, would claim the task.
+            await asyncio.sleep(3 * lease)
+            await flush(a)
+            assert b.handle(h.id) is None
+            assert query(db, "SELECT status, owner, attempts FROM tasks WHERE id = ?", h.id) == [
+                ("running", a.store.owner, 1)  # type: ignore[attr-defined]
+            ]
+
+            # An orphan that appears while both run is claimed at the next look.
+            now = time.time()
+            execute(
+                db,
+                "INSERT INTO tasks (id, name, status, created_at, owner, updated_at, durable, "
+                "target, payload, options) VALUES (?, 'double', 'pending', ?, NULL, ?, 1, "
+                "'durable_apps:double', '{\"n\": 4}', '{}')",
+                "K" * 22,
+                now,
+                now,
+            )
+            t0 = time.monotonic()
+            while (orphan := a.handle("K" * 22) or b.handle("K" * 22)) is None:
+                assert time.monotonic() - t0 < 2, "the orphan was not claimed"
+                await asyncio.sleep(0.01)
+            claimed_after = time.monotonic() - t0
+            assert claimed_after < 10 * poll, claimed_after
+            assert (await orphan.wait(5)).result == 8
+
+            gate.touch()
+            record = await h.wait(5)
+            assert (record.status, record.attempts) == ("succeeded", 1)  # ran once, on a
+            assert b.handle(h.id) is None
+    finally:
+        durable_apps.GATE = Path("/nonexistent/bgtasks-gate")
+
+
 # ---------------------------------------------------------------------- errors
 async def test_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "dir" / "t.db"
