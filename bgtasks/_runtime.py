@@ -495,6 +495,13 @@ class Runtime:
             msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
             raise TypeError(msg)
         merged = self.limits if limits is None else self.limits.merged(limits)
+        if inline and merged.cpu_time is not None and not _HAS_THREAD_CPU_CLOCKS:
+            msg = (
+                "Limits(cpu_time=...) on a task that runs in this process needs per-thread CPU "
+                "clocks (time.pthread_getcpuclockid), which this platform does not have; use a "
+                'wall_clock limit, or run the task with @background(isolation="process") on Linux.'
+            )
+            raise ValueError(msg)
         if inline and merged.memory is not None:
             msg = (
                 "Limits(memory=...) cannot bound a task that runs in this process; run it "
@@ -879,6 +886,19 @@ class Runtime:
                 return
         cb()
 
+    def _remove_done_callback(self, t: TaskHandle, cb: Callable[[], None]) -> None:
+        """Forget ``cb`` (a waiter that gave up); a no-op if it already ran."""
+        loop = self._loop
+        if loop is not None and _get_ident() != self._loop_thread_id:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._remove_done_callback, t, cb)
+            return
+        ctl = t._x
+        if ctl is None:
+            return
+        with self._lock, contextlib.suppress(ValueError):
+            ctl.callbacks.remove(cb)
+
     # ------------------------------------------------------------------ direct sync tasks
     # A sync function submitted from a thread other than the loop's (a Flask view,
     # a sync FastAPI endpoint), with no limits, retries or concurrency bound, runs
@@ -1186,6 +1206,7 @@ class Runtime:
             raise RuntimeNotActive(msg)
 
 
+_HAS_THREAD_CPU_CLOCKS = hasattr(time, "pthread_getcpuclockid")  # Linux and most Unixes
 _ABANDON_AFTER = 1.0  # seconds a stopped thread gets before it is abandoned
 _HOOK_MIN_TIMEOUT = 1.0  # unhandledrejection handlers get max(shutdown_grace, this)
 

@@ -178,6 +178,7 @@ class TaskHandle:
                 else:
                     await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
+                self._rt._remove_done_callback(self, on_done)  # polling must not pile them up
                 msg = f"task {self._id} did not finish within {timeout} seconds"
                 raise TimeoutError(msg) from None
         return self.record
@@ -188,6 +189,7 @@ class TaskHandle:
             ev = threading.Event()
             self._rt._add_done_callback(self, ev.set)
             if not ev.wait(timeout):
+                self._rt._remove_done_callback(self, ev.set)
                 msg = f"task {self._id} did not finish within {timeout} seconds"
                 raise TimeoutError(msg)
         return self.record

@@ -945,3 +945,32 @@ async def test_drain_sees_direct_tasks_finishing_on_threads() -> None:
                 assert await rt.drain(5)
     finally:
         sys.setswitchinterval(old)
+
+
+async def test_a_wait_that_times_out_leaves_no_callback_behind() -> None:
+    async with Runtime(shutdown_grace=0) as rt:
+        handle = rt.wait_until(asyncio.sleep(30))
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                await handle.wait(0.01)
+
+        def wait_in_a_thread() -> None:
+            with pytest.raises(TimeoutError):
+                handle.wait_sync(0.01)
+
+        await asyncio.to_thread(wait_in_a_thread)
+        await asyncio.sleep(0)  # the thread's removal is posted to the loop
+        assert handle._x is None or handle._x.callbacks == []
+        handle.cancel()
+
+
+async def test_cpu_limits_without_thread_cpu_clocks_are_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bgtasks import _runtime
+
+    monkeypatch.setattr(_runtime, "_HAS_THREAD_CPU_CLOCKS", False)
+    async with Runtime() as rt:
+        with pytest.raises(ValueError, match=r'isolation="process"'):
+            rt.wait_until(asyncio.sleep, 0, limits=Limits(cpu_time=1))
+        rt.wait_until(asyncio.sleep, 0, limits=Limits(wall_clock=1))  # still fine
