@@ -378,3 +378,29 @@ async def test_cancel_a_task_whose_process_died(tmp_path: Path) -> None:
         ]
     finally:
         await rt.shutdown()
+
+
+async def test_a_caller_that_stops_waiting_does_not_stop_the_writer(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    async with bgtasks.Runtime(store=url(db)) as rt:
+        store = rt.store
+        assert isinstance(store, SQLiteStore)
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow(conn: sqlite3.Connection) -> int:
+            asyncio.run_coroutine_threadsafe(_set(gate), loop)
+            time.sleep(0.1)  # the caller gives up meanwhile
+            return 1
+
+        waiter = asyncio.ensure_future(asyncio.wrap_future(store.submit(slow)))
+        await asyncio.wait_for(gate.wait(), 5)
+        waiter.cancel()  # cancels the concurrent future the writer will settle
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        # The writer thread lives on: the next write goes through.
+        assert await asyncio.wait_for(asyncio.wrap_future(store.submit(lambda conn: 2)), 5) == 2
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()

@@ -698,13 +698,10 @@ class SQLiteStore:
                         self._dirty.setdefault(task_id, t)
                 time.sleep(min(0.5, self.busy_timeout))
             for _, fut in ops:
-                fut.set_exception(error)
+                _settle(fut, False, error)
             return
         for fut, ok, value in outcomes:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+            _settle(fut, ok, value)
 
     def _fail_queued(self) -> None:
         error = StoreError(self._not_open_msg())
@@ -714,7 +711,7 @@ class SQLiteStore:
             except queue.Empty:
                 return
             if isinstance(item, tuple):
-                item[1].set_exception(error)
+                _settle(item[1], False, error)
 
     def _not_open_msg(self) -> str:
         return (
@@ -840,3 +837,19 @@ def _store_error(exc: BaseException, path: str) -> BaseException:
     err = StoreError(msg)
     err.__cause__ = exc
     return err
+
+
+def _settle(fut: concurrent.futures.Future[Any], ok: bool, value: Any) -> None:
+    """Give a write's caller its outcome, unless it stopped waiting.
+
+    A caller that awaited the write through ``asyncio.wrap_future`` and was
+    cancelled cancels this future too; the write itself may still have been
+    committed (at-least-once), and the writer thread must go on.
+    """
+    try:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled (or settled) by the caller meanwhile
