@@ -95,19 +95,16 @@ def idempotency_key_from_header(value: str | bytes | None) -> str | None:
     """
     if value is None:
         return None
-    if isinstance(value, bytes):
-        raw = value
-        key = value.decode("latin-1").strip()
-    else:
-        key = value.strip()
-        try:
-            raw = value.encode("latin-1")
-        except UnicodeEncodeError:  # not from a WSGI server: any text will do
-            raw = value.encode("utf-8", "surrogatepass")
+    key = value.decode("latin-1").strip() if isinstance(value, bytes) else value.strip()
     if not key:
         return None
     if len(key) > MAX_IDEMPOTENCY_KEY:
-        # The value as sent is hashed, as bgtasks.asgi always did: old keys still match.
+        # Servers strip a header's surrounding whitespace, so for what they pass on
+        # this is the hash of the value as sent.
+        try:
+            raw = key.encode("latin-1")
+        except UnicodeEncodeError:  # not from a server: any text will do
+            raw = key.encode("utf-8", "surrogatepass")
         return "sha256:" + hashlib.sha256(raw).hexdigest()
     return key
 

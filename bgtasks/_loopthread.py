@@ -19,6 +19,13 @@ runs without installing a signal handler of our own. Running before
 ``concurrent.futures``' own hook (registered earlier, so run later) keeps
 ``run_in_executor`` usable while tasks drain. ``os._exit`` and SIGKILL skip
 every hook: nothing can drain then (a durable store replays the work).
+
+Under gunicorn the drain must also fit the master's two clocks. On a stop of
+the master (SIGTERM), it kills workers still alive after ``graceful_timeout``:
+the grace is shortened to fit. At every other time (a worker recycled by
+``max_requests``, a HUP, fewer workers) it kills a worker whose heartbeat is
+older than ``timeout``; a worker out of its run loop no longer beats by itself,
+so the drain keeps the heartbeat going (``GunicornWorker.heartbeat``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +46,7 @@ from . import _context
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["LoopThread", "host_for", "server_graceful_timeout"]
+__all__ = ["GunicornWorker", "LoopThread", "gunicorn_worker", "host_for", "server_graceful_timeout"]
 
 logger = logging.getLogger("bgtasks")
 
@@ -75,6 +83,7 @@ class LoopThread:
         self._stop_event: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._started_in: int | None = None  # pid that started the runtime, ever
+        self._server: GunicornWorker | None = None  # the gunicorn worker of this process
         _all_hosts.add(self)
 
     @property
@@ -123,7 +132,8 @@ class LoopThread:
                 "wait_until in the parent (e.g. at import time under gunicorn --preload)."
             )
             return
-        _clamp_grace(rt)
+        self._server = gunicorn_worker()
+        _clamp_grace(rt, self._server)
         ready = threading.Event()
         thread = threading.Thread(
             target=self._run, args=(rt, ready), name="bgtasks-loop", daemon=True
@@ -173,6 +183,9 @@ class LoopThread:
         was still running after ``timeout`` seconds (it is a daemon thread: it
         does not keep the process alive).
         """
+        return self._stop(timeout, None)
+
+    def _stop(self, timeout: float | None, server: GunicornWorker | None) -> bool:
         with self._lock:
             thread, loop, event = self._thread, self._loop, self._stop_event
             if self._pid != os.getpid() or thread is None:
@@ -183,7 +196,22 @@ class LoopThread:
         if thread is threading.current_thread():
             msg = "LoopThread.stop() cannot be called from the loop thread itself."
             raise RuntimeError(msg)
-        thread.join(timeout)
+        interval = None if server is None else server.heartbeat_interval
+        if server is None or interval is None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        # Join in steps, beating between them, so the master sees a live worker.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            server.heartbeat()
+            step = interval
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    break
+            thread.join(step)
+            if not thread.is_alive():
+                break
         return not thread.is_alive()
 
     def _at_exit(self) -> None:
@@ -194,11 +222,16 @@ class LoopThread:
             grace = self.runtime.shutdown_grace
         except RuntimeError:  # pragma: no cover
             return
-        if not self.stop(grace + EXIT_MARGIN):
-            logger.warning(
-                "bgtasks: the runtime did not finish shutting down within %.1fs; exiting anyway",
-                grace + EXIT_MARGIN,
-            )
+        try:
+            if not self._stop(grace + EXIT_MARGIN, self._server):
+                logger.warning(
+                    "bgtasks: the runtime did not finish shutting down within %.1fs; "
+                    "exiting anyway",
+                    grace + EXIT_MARGIN,
+                )
+        finally:
+            if self._server is not None:
+                self._server.close()
 
 
 def _after_fork_in_child() -> None:
@@ -225,11 +258,78 @@ def _register_exit_hook(fn: Any) -> None:
     atexit.register(fn)
 
 
-def server_graceful_timeout() -> float | None:
-    """Gunicorn's ``graceful_timeout`` when running in a gunicorn worker, else None.
+def _seconds(value: object) -> float | None:
+    """A gunicorn timeout setting in seconds; None if unset, 0 or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return float(value)
 
-    Gunicorn does not publish its config to the app; the worker object is
-    found on the main thread's stack (its ``run``/``handle_request`` frame).
+
+class GunicornWorker:
+    """The gunicorn worker object serving this process, as the drain needs it.
+
+    ``graceful_timeout``: seconds the master gives workers once it is told to
+    stop. ``timeout``: seconds the master lets a worker's heartbeat go stale
+    (None: ``--timeout 0``, no check). ``heartbeat()`` refreshes it.
+    """
+
+    def __init__(self, worker: Any) -> None:
+        cfg = getattr(worker, "cfg", None)
+        self.graceful_timeout = _seconds(getattr(cfg, "graceful_timeout", None))
+        self.timeout = _seconds(getattr(cfg, "timeout", None))
+        self._worker = worker
+        self._fd: int | None = None
+        if self.timeout is not None:
+            # Gunicorn closes the worker's heartbeat file (worker.tmp) as the
+            # worker leaves, before the exit hooks run: keep a descriptor of our
+            # own to the same file, so the drain can still beat.
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                self._fd = os.dup(worker.tmp.fileno())
+
+    @property
+    def heartbeat_interval(self) -> float | None:
+        """Seconds between beats while draining; None when none is needed or possible."""
+        if self.timeout is None or self._fd is None:
+            return None
+        return min(1.0, self.timeout / 4)
+
+    @property
+    def drain_limit(self) -> float | None:
+        """Seconds a drain may take before the master kills this worker (None: no limit)."""
+        if self.timeout is not None and self.heartbeat_interval is None:
+            # No heartbeat: the stale-heartbeat kill can come first.
+            if self.graceful_timeout is None:
+                return self.timeout
+            return min(self.graceful_timeout, self.timeout)
+        return self.graceful_timeout
+
+    def close(self) -> None:
+        """Let go of the heartbeat file (once the drain is over)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def heartbeat(self) -> None:
+        """Tell the master this worker is alive (what its run loop does between requests)."""
+        try:
+            self._worker.notify()
+        except Exception:  # its file is closed once the worker has left its run loop
+            if self._fd is None:
+                return
+            # What gunicorn's WorkerTmp.notify does: the master reads the file's
+            # mtime as a monotonic time (the change refreshes its ctime too, which
+            # older gunicorns read).
+            now = time.monotonic()
+            with contextlib.suppress(OSError):
+                os.utime(self._fd, (now, now))
+
+
+def gunicorn_worker() -> GunicornWorker | None:
+    """The gunicorn worker serving this process, or None outside gunicorn.
+
+    Gunicorn does not publish its worker to the app; it is found on the main
+    thread's stack (its ``run``/``handle_request`` frame).
     """
     base = sys.modules.get("gunicorn.workers.base")
     worker_cls = getattr(base, "Worker", None)
@@ -241,8 +341,7 @@ def server_graceful_timeout() -> float | None:
         while frame is not None:
             obj = frame.f_locals.get("self")
             if isinstance(obj, worker_cls):
-                value = getattr(getattr(obj, "cfg", None), "graceful_timeout", None)
-                return float(value) if isinstance(value, (int, float)) else None
+                return GunicornWorker(obj)
             frame = frame.f_back
     except Exception:  # pragma: no cover - introspection is best effort
         return None
@@ -251,23 +350,32 @@ def server_graceful_timeout() -> float | None:
     return None
 
 
-def fitted_grace(grace: float, graceful_timeout: float | None) -> float:
-    """``grace`` shortened, if need be, so the drain ends before the server kills."""
-    if graceful_timeout is None:
+def server_graceful_timeout() -> float | None:
+    """Gunicorn's ``graceful_timeout`` when running in a gunicorn worker, else None."""
+    server = gunicorn_worker()
+    return None if server is None else server.graceful_timeout
+
+
+def fitted_grace(grace: float, limit: float | None) -> float:
+    """``grace`` shortened, if need be, so the drain ends ``EXIT_MARGIN`` before ``limit``."""
+    if limit is None:
         return grace
-    return min(grace, max(0.0, graceful_timeout - EXIT_MARGIN))
+    return min(grace, max(0.0, limit - EXIT_MARGIN))
 
 
-def _clamp_grace(rt: Runtime) -> None:
-    limit = server_graceful_timeout()
+def _clamp_grace(rt: Runtime, server: GunicornWorker | None) -> None:
+    limit = None if server is None else server.drain_limit
     fitted = fitted_grace(rt.shutdown_grace, limit)
-    if fitted < rt.shutdown_grace:
+    if server is not None and fitted < rt.shutdown_grace:
+        setting = "graceful_timeout" if limit == server.graceful_timeout else "timeout"
         logger.warning(
-            "bgtasks: shutdown_grace=%gs does not fit in gunicorn's graceful_timeout=%gs; "
+            "bgtasks: shutdown_grace=%gs does not fit in gunicorn's %s=%gs; "
             "this worker will drain for %gs so it exits before gunicorn kills it. Raise "
-            "--graceful-timeout or lower shutdown_grace (BGTASKS_SHUTDOWN_GRACE).",
+            "--%s or lower shutdown_grace (BGTASKS_SHUTDOWN_GRACE).",
             rt.shutdown_grace,
+            setting,
             limit,
             fitted,
+            setting.replace("_", "-"),
         )
         rt.shutdown_grace = fitted

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import inspect
 import io
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 try:
     import flask
@@ -78,11 +79,23 @@ _CONFIG = {
     "BGTASKS_MEMORY_LIMIT": "memory_limit",
     "BGTASKS_STORE": "store",
     "BGTASKS_LIMITS": "limits",
+    "BGTASKS_RETENTION": "retention",
+    "BGTASKS_MAX_FINISHED": "max_finished",
+    "BGTASKS_MAX_THREADS": "max_threads",
 }
 # Environ keys not carried into a task's rebuilt request.
 _DROP = frozenset(
     {"wsgi.input", "wsgi.input_terminated", "werkzeug.request", "HTTP_TRANSFER_ENCODING"}
 )
+
+
+class _Default(enum.Enum):
+    FROM_CONFIG = enum.auto()
+
+
+#: ``BgTasks(status_prefix=...)``'s default: ``BGTASKS_STATUS_PREFIX``, else
+#: ``"/_bgtasks/tasks"``.
+_FROM_CONFIG: Final = _Default.FROM_CONFIG
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,7 +104,10 @@ class BgTasksState:
 
     runtime: Runtime
     middleware: BackgroundMiddleware
+    #: Builds the status URLs of 202 answers; the status view is registered
+    #: only if ``serves_status``.
     routes: _http.StatusRoutes
+    serves_status: bool = True
 
 
 class BgTasks:
@@ -101,8 +117,11 @@ class BgTasks:
     extension; by default each app gets its own, built from its config
     (``BGTASKS_SHUTDOWN_GRACE``, ``BGTASKS_MAX_PENDING``,
     ``BGTASKS_MAX_CONCURRENCY``, ``BGTASKS_MEMORY_LIMIT``, ``BGTASKS_STORE``,
-    ``BGTASKS_LIMITS``). ``status_prefix`` (or ``BGTASKS_STATUS_PREFIX``): the
-    URL prefix of the status routes. ``authorize(request, record, action)``, a
+    ``BGTASKS_LIMITS``, ``BGTASKS_RETENTION``, ``BGTASKS_MAX_FINISHED``,
+    ``BGTASKS_MAX_THREADS``). ``status_prefix``: the URL prefix of the status
+    routes, or None to register none (202 answers still point under the
+    default prefix); by default ``BGTASKS_STATUS_PREFIX`` (which may be None
+    too), else ``"/_bgtasks/tasks"``. ``authorize(request, record, action)``, a
     sync callable run in the status request's context, may refuse a read or a
     cancel (the client gets 404). ``include_result``: whether the status JSON
     carries results.
@@ -113,7 +132,7 @@ class BgTasks:
         app: flask.Flask | None = None,
         *,
         runtime: Runtime | None = None,
-        status_prefix: str | None = None,
+        status_prefix: str | Literal[_Default.FROM_CONFIG] | None = _FROM_CONFIG,
         authorize: FlaskAuthorize | None = None,
         include_result: bool = True,
     ) -> None:
@@ -130,21 +149,25 @@ class BgTasks:
             msg = f"bgtasks is already installed in the Flask app {app.name!r}; call init_app once."
             raise RuntimeError(msg)
         runtime = self._runtime if self._runtime is not None else _runtime_from_config(app.config)
-        prefix = self._status_prefix or app.config.get(
-            "BGTASKS_STATUS_PREFIX", _http.DEFAULT_PREFIX
-        )
+        prefix = self._status_prefix
+        if prefix is _FROM_CONFIG:
+            prefix = app.config.get("BGTASKS_STATUS_PREFIX", _http.DEFAULT_PREFIX)
+        serves = prefix is not None
         routes = _http.StatusRoutes(
-            prefix=prefix, authorize=self._authorize, include_result=self._include_result
+            prefix=_http.DEFAULT_PREFIX if prefix is None else prefix,
+            authorize=self._authorize,
+            include_result=self._include_result,
         )
         middleware = _FlaskMiddleware(app.wsgi_app, runtime=runtime, routes=routes)
         app.wsgi_app = middleware  # type: ignore[method-assign]
-        app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes)
-        app.add_url_rule(
-            f"{prefix}/<task_id>",
-            endpoint=STATUS_ENDPOINT,
-            view_func=_task_status,
-            methods=["GET", "DELETE"],
-        )
+        app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves)
+        if serves:
+            app.add_url_rule(
+                f"{routes.prefix}/<task_id>",
+                endpoint=STATUS_ENDPOINT,
+                view_func=_task_status,
+                methods=["GET", "DELETE"],
+            )
         # Leave a RegistryFull handler the app registered itself.
         if RegistryFull not in app.error_handler_spec[None][None]:
             app.register_error_handler(RegistryFull, _overloaded)
@@ -198,9 +221,8 @@ class _FlaskResponder:
     __slots__ = ("_chain", "idempotency_key", "routes")
 
     def __init__(self, idempotency_key: str | None, routes: _http.StatusRoutes) -> None:
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
-            idempotency_key = None
-        self.idempotency_key = idempotency_key
+        # The same normalisation as the ASGI adapter: a long key is hashed, not dropped.
+        self.idempotency_key = _http.idempotency_key_from_header(idempotency_key)
         self.routes = routes
         # The request's view and what it wraps, found once (both the @background
         # wrapper and ``wrap`` ask).

@@ -19,9 +19,10 @@ makes a ``@background`` view answer 202 by itself.)
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _context, _http
@@ -93,7 +94,15 @@ class BackgroundMiddleware:
         rt_token = _context.active_runtime.set(rt)
         responder_token = _context.responder.set(self._responder(environ))
         try:
-            return self.app(environ, start)
+            body = self.app(environ, start)
+            if type(body) is list or type(body) is tuple:  # nothing runs while it is sent
+                return body
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+                return body  # the server may sendfile() it: leave it as it is
+            # A streamed body runs app code after this call returns: keep the
+            # request's context (the active runtime) for it.
+            return _ContextBody(body, contextvars.copy_context())
         except RegistryFull as exc:
             # Once the app has called start_response, only exc_info may replace it.
             return _send(_http.overloaded(exc), start_response, sys.exc_info() if started else None)
@@ -131,6 +140,35 @@ class BackgroundMiddleware:
         Returns False if it was still shutting down after ``timeout`` seconds.
         """
         return self._host.stop(timeout)
+
+
+class _ContextBody:
+    """A response body iterated, and closed, in the context of its request.
+
+    So ``bgtasks.wait_until`` in a streamed response's generator finds the
+    request's runtime, as it would in the view.
+    """
+
+    __slots__ = ("_body", "_ctx", "_it")
+
+    def __init__(self, body: Iterable[bytes], ctx: contextvars.Context) -> None:
+        self._body = body
+        self._ctx = ctx
+        self._it: Iterator[bytes] | None = None
+
+    def __iter__(self) -> _ContextBody:
+        return self
+
+    def __next__(self) -> bytes:
+        it = self._it
+        if it is None:
+            it = self._it = self._ctx.run(iter, self._body)
+        return self._ctx.run(next, it)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            self._ctx.run(close)
 
 
 def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _http.Action) -> bool:

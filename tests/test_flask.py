@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import io
+import itertools
+import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, current_app, g, jsonify, request, url_for
+from flask import Flask, current_app, g, jsonify, request, stream_with_context, url_for
 from flask import globals as flask_globals
 from flask.ctx import RequestContext
 from flask.testing import FlaskClient
@@ -95,11 +101,19 @@ def test_runtime_from_config(make_app: Callable[..., Flask]) -> None:
             "BGTASKS_SHUTDOWN_GRACE": 7.5,
             "BGTASKS_MAX_PENDING": 3,
             "BGTASKS_MAX_CONCURRENCY": 2,
+            "BGTASKS_MEMORY_LIMIT": "512MiB",
+            "BGTASKS_LIMITS": bgtasks.Limits(wall_clock=30, cpu_time=10),
+            "BGTASKS_RETENTION": 60,
+            "BGTASKS_MAX_FINISHED": 50,
+            "BGTASKS_MAX_THREADS": 4,
             "BGTASKS_STATUS_PREFIX": "/jobs",
         }
     )
     rt = runtime(app)
     assert (rt.shutdown_grace, rt.max_pending, rt.max_concurrency) == (7.5, 3, 2)
+    assert rt.memory_limit == 512 * 1024 * 1024
+    assert rt.limits == bgtasks.Limits(wall_clock=30, cpu_time=10)
+    assert (rt.retention, rt.max_finished, rt.max_threads) == (60.0, 50, 4)
 
     @app.post("/go")
     @bgtasks.background
@@ -109,6 +123,59 @@ def test_runtime_from_config(make_app: Callable[..., Flask]) -> None:
     r = app.test_client().post("/go")
     assert r.headers["Location"].startswith("/jobs/")
     assert app.test_client().get(r.headers["Location"]).status_code == 200
+
+
+def test_config_limits_stop_a_task(make_app: Callable[..., Flask]) -> None:
+    app = make_app(config={"BGTASKS_LIMITS": bgtasks.Limits(wall_clock=0.2)})
+
+    @app.post("/slow")
+    @bgtasks.background
+    async def slow() -> None:
+        await asyncio.sleep(10)
+
+    record = finished(app, app.test_client().post("/slow").get_json()["id"])
+    assert record.status == "failed"
+    assert record.error is not None and record.error.type == "WallClockLimitExceeded"
+
+
+def test_config_memory_limit_refuses_work_above_it(make_app: Callable[..., Flask]) -> None:
+    # Any Python process is above 90% of 1 MiB: new work is refused with a 503.
+    app = make_app(config={"BGTASKS_MEMORY_LIMIT": "1MiB"})
+
+    @app.post("/go")
+    def go() -> str:
+        bgtasks.wait_until(lambda: None)
+        return "scheduled"
+
+    client = app.test_client()
+    deadline = time.monotonic() + 5
+    while (r := client.post("/go")).status_code != 503 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the RSS is sampled every 0.1 s
+    assert r.status_code == 503
+    assert "memory_limit=1048576" in r.get_json()["detail"]
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_status_routes_can_be_turned_off(make_app: Callable[..., Flask], how: str) -> None:
+    if how == "argument":
+        app = make_app(status_prefix=None, config={"BGTASKS_STATUS_PREFIX": "/jobs"})
+    else:
+        app = make_app(config={"BGTASKS_STATUS_PREFIX": None})
+
+    @app.post("/go")
+    @bgtasks.background
+    def go() -> int:
+        return 1
+
+    client = app.test_client()
+    r = client.post("/go")
+    assert r.status_code == 202
+    # The 202 still names the default status URL (served elsewhere, if at all).
+    assert r.headers["Location"] == f"/_bgtasks/tasks/{r.get_json()['id']}"
+    assert finished(app, r.get_json()["id"]).result == 1
+    assert "bgtasks.task_status" not in app.view_functions
+    assert client.get(r.headers["Location"]).status_code == 404
+    assert app.extensions["bgtasks"].serves_status is False
 
 
 def test_a_passed_runtime_is_used(make_app: Callable[..., Flask]) -> None:
@@ -315,6 +382,68 @@ def test_wait_until_from_a_sync_view(app: Flask) -> None:
     assert second.name.endswith("notify")
 
 
+def test_wait_until_from_a_plain_async_view(app: Flask) -> None:
+    def audit(action: str) -> str:
+        return f"{action} by {g.user} on {request.path} in {threading.current_thread().name}"
+
+    async def notify() -> str:
+        await asyncio.sleep(0)
+        return f"notified {current_app.name} {request.args['n']}"
+
+    @app.post("/act")
+    async def act() -> dict[str, str]:  # not @background: Flask runs it with asgiref
+        g.user = "ada"
+        first = bgtasks.wait_until(audit, "delete")
+        second = bgtasks.wait_until(notify())
+        await asyncio.sleep(0)
+        return {"first": first.id, "second": second.id}
+
+    r = app.test_client().post("/act?n=7")
+    assert r.status_code == 200
+    ids = r.get_json()
+    first, second = finished(app, ids["first"]), finished(app, ids["second"])
+    assert first.status == second.status == "succeeded", (first.error, second.error)
+    assert first.result.startswith("delete by ada on /act in bgtasks-worker")
+    assert second.result == "notified t 7"
+
+
+def test_wait_until_in_a_streamed_response(app: Flask) -> None:
+    ids: list[str] = []
+
+    @app.get("/stream")
+    def stream() -> Any:
+        def plain() -> Iterator[str]:
+            yield "a"
+            ids.append(bgtasks.wait_until(lambda: "from the body").id)  # after the view returned
+            yield "b"
+
+        @stream_with_context
+        def with_request() -> Iterator[str]:
+            yield "c"
+            ids.append(bgtasks.wait_until(lambda: request.args["q"]).id)
+
+        return app.response_class(itertools.chain(plain(), with_request()))
+
+    r = app.test_client().get("/stream?q=x")
+    assert r.get_data(as_text=True) == "abc"
+    assert [finished(app, task_id).result for task_id in ids] == ["from the body", "x"]
+
+
+def test_no_signal_handler_is_installed(make_app: Callable[..., Flask]) -> None:
+    signals = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGABRT]
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    app = make_app()
+
+    @app.post("/go")
+    @bgtasks.background
+    def go() -> None:
+        return None
+
+    r = app.test_client().post("/go")  # starts the runtime and its loop thread
+    assert finished(app, r.get_json()["id"]).status == "succeeded"
+    assert {sig: signal.getsignal(sig) for sig in signals} == before
+
+
 def test_the_task_reuses_the_requests_routing(app: Flask) -> None:
     seen: dict[str, Any] = {}
 
@@ -388,6 +517,12 @@ def test_idempotency_key_header_returns_the_same_task(app: Flask) -> None:
     again = client.post("/charge", headers={"Idempotency-Key": "k1"}).get_json()["id"]
     other = client.post("/charge").get_json()["id"]
     assert first == again != other
+    # Long keys are hashed (as by the ASGI adapter), not dropped; whitespace does not count.
+    long_key = "k" * 1000
+    a = client.post("/charge", headers={"Idempotency-Key": long_key}).get_json()["id"]
+    b = client.post("/charge", headers={"Idempotency-Key": f" {long_key} "}).get_json()["id"]
+    c = client.post("/charge", headers={"Idempotency-Key": long_key + "x"}).get_json()["id"]
+    assert a == b != c
 
 
 def test_a_task_that_raises_fails_and_tears_down_with_the_error(app: Flask) -> None:
@@ -570,8 +705,13 @@ def test_stop_drains_and_fires_beforeunload(app: Flask) -> None:
     assert r.status_code == 503
 
 
-def test_the_example_app() -> None:
-    from examples.flask_app.app import app, tasks
+def test_the_example_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The example's default store is a SQLite file in the working directory.
+    monkeypatch.setenv("BGTASKS_STORE", f"sqlite:///{tmp_path}/example.db")
+    monkeypatch.delitem(sys.modules, "examples.flask_app.app", raising=False)
+    example = importlib.import_module("examples.flask_app.app")
+    app, tasks = example.app, example.tasks
+    assert runtime(app).store.durable
 
     client = app.test_client()
     try:

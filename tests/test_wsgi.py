@@ -8,16 +8,22 @@ test_wsgi_server.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+import types
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.test import Client
+from werkzeug.test import Client, EnvironBuilder
 
 import bgtasks
 from bgtasks import _loopthread
@@ -132,6 +138,65 @@ def test_background_function_returns_a_handle_in_plain_wsgi(
     mw = make(app)
     task_id = Client(mw).get("/").get_data(as_text=True)
     assert finished(mw, task_id).result == 42
+
+
+def test_wait_until_in_a_streamed_body_and_its_close(make: Make) -> None:
+    ids: list[str] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"a"
+            ids.append(bgtasks.wait_until(lambda: "in the body").id)  # after the app returned
+            yield b"b"
+
+        def close(self) -> None:
+            ids.append(bgtasks.wait_until(lambda: "at close").id)
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        return Body()
+
+    mw = make(app)
+    r = Client(mw).get("/")
+    assert r.get_data() == b"ab"
+    r.close()  # the server closes the body
+    assert [finished(mw, task_id).result for task_id in ids] == ["in the body", "at close"]
+    with pytest.raises(bgtasks.RuntimeNotActive):  # the request's context did not leak out
+        bgtasks.wait_until(lambda: None)
+
+
+def test_lists_and_file_wrappers_are_returned_as_they_are(make: Make) -> None:
+    class FileWrapper:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter([self.f.read()])
+
+    body: list[Any] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return body[0](environ)
+
+    mw = make(app)
+    environ = EnvironBuilder("/").get_environ()
+    environ["wsgi.file_wrapper"] = FileWrapper
+    chunks = [b"x"]
+    body.append(lambda env: chunks)
+    assert mw(dict(environ), lambda *a: None) is chunks
+    body[0] = lambda env: env["wsgi.file_wrapper"](io.BytesIO(b"file"))
+    wrapped = mw(dict(environ), lambda *a: None)
+    assert isinstance(wrapped, FileWrapper)  # the server may sendfile() it
+
+
+def test_no_signal_handler_is_installed(make: Make) -> None:
+    signals = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGABRT]
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    mw = make(scheduling_app(lambda: "ran"))
+    task_id = Client(mw).post("/").get_json()["id"]  # starts the runtime and its loop thread
+    assert finished(mw, task_id).result == "ran"
+    assert {sig: signal.getsignal(sig) for sig in signals} == before
 
 
 def test_status_routes(make: Make) -> None:
@@ -307,11 +372,67 @@ def test_fitted_grace() -> None:
     assert _loopthread.fitted_grace(40.0, 30.0) == 30.0 - _loopthread.EXIT_MARGIN
     assert _loopthread.fitted_grace(5.0, 2.0) == 0.0
     assert _loopthread.server_graceful_timeout() is None  # not in a gunicorn worker
+    assert _loopthread.gunicorn_worker() is None
+
+
+class FakeWorker:
+    """What bgtasks reads of a gunicorn worker: ``cfg``, ``tmp``, ``notify()``."""
+
+    def __init__(self, tmp: Any, *, timeout: float, graceful_timeout: float = 30.0) -> None:
+        self.cfg = types.SimpleNamespace(timeout=timeout, graceful_timeout=graceful_timeout)
+        self.tmp = tmp
+
+    def notify(self) -> None:
+        self.tmp.notify()
+
+
+class FakeTmp:
+    """gunicorn's WorkerTmp: a heartbeat file whose mtime is a monotonic time."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "w+b")  # noqa: SIM115 - closed by the test, as gunicorn does
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        os.utime(self._file.fileno(), (now, now))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_the_drain_keeps_a_gunicorn_workers_heartbeat(tmp_path: Path) -> None:
+    path = tmp_path / "heartbeat"
+    tmp = FakeTmp(path)
+    server = _loopthread.GunicornWorker(FakeWorker(tmp, timeout=2, graceful_timeout=30))
+    assert server.drain_limit == 30.0  # it can beat: only graceful_timeout bounds the drain
+    assert server.heartbeat_interval == 0.5
+    os.utime(path, (0, 0))
+    server.heartbeat()
+    assert abs(path.stat().st_mtime - time.monotonic()) < 1
+    # Gunicorn closes the worker's heartbeat file before the exit hooks run.
+    tmp.close()
+    os.utime(path, (0, 0))
+    server.heartbeat()
+    assert abs(path.stat().st_mtime - time.monotonic()) < 1
+    server.close()
+    assert server.heartbeat_interval is None
+
+
+def test_a_gunicorn_worker_that_cannot_beat_fits_the_grace_to_its_timeout() -> None:
+    server = _loopthread.GunicornWorker(FakeWorker(None, timeout=10, graceful_timeout=30))
+    assert server.heartbeat_interval is None
+    assert server.drain_limit == 10.0
+    server.heartbeat()  # nothing to beat with: no error either
+    no_timeout = _loopthread.GunicornWorker(FakeWorker(None, timeout=0, graceful_timeout=30))
+    assert (no_timeout.timeout, no_timeout.drain_limit) == (None, 30.0)
 
 
 EXIT_SCRIPT = """
 import json, sys, threading, time
-from werkzeug.test import Client
+from werkzeug.test import Client, EnvironBuilder
 import bgtasks
 from bgtasks.wsgi import BackgroundMiddleware
 

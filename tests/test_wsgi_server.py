@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverutil import Server, free_port, wait_for
+from serverutil import ROOT, Server, free_port, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -45,7 +45,16 @@ def gunicorn(evidence: Path, *args: str, worker: str = "sync", grace: float = 10
 
 
 def start_task(srv: Server, path: str, seconds: float) -> str:
-    r = httpx.post(f"{srv.url}{path}?seconds={seconds}", json={"n": 1}, timeout=5)
+    # "Connection: close": the server closes the connection itself. Otherwise the
+    # client's close wakes gthread's main thread, which may be starting a pool
+    # thread (in ThreadPoolExecutor.submit) just when a test's SIGINT arrives:
+    # gthread's SIGQUIT handler then waits forever for the lock submit holds.
+    r = httpx.post(
+        f"{srv.url}{path}?seconds={seconds}",
+        json={"n": 1},
+        headers={"Connection": "close"},
+        timeout=5,
+    )
     assert r.status_code == 202, r.text
     task_id: str = r.json()["id"]
     assert r.headers["location"] == f"/_bgtasks/tasks/{task_id}"
@@ -90,12 +99,19 @@ def test_202_status_then_signal_drains(evidence: Path, worker: str, sig: int) ->
         assert ["beforeunload", "shutdown"] in [w[:2] for w in events], events
 
 
-def test_max_requests_recycling_drains_the_task_in_flight(evidence: Path) -> None:
-    with gunicorn(evidence, "--max-requests", "1") as srv:
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_max_requests_recycling_drains_the_task_in_flight(evidence: Path, worker: str) -> None:
+    with gunicorn(evidence, "--max-requests", "1", worker=worker) as srv:
         task_id = start_task(srv, "/work", 1.0)  # this worker exits after this request
         wait_for(lambda: noted(evidence, "done", task_id), 10, "the task to finish")
-        task_pid = next(int(w[2]) for w in lines(evidence) if w[:2] == ["done", task_id])
-        assert noted(evidence, "beforeunload")
+        events = lines(evidence)
+        done = next(w for w in events if w[:2] == ["done", task_id])
+        task_pid = int(done[2])
+        # The worker that ran the task drained: beforeunload first, then the task
+        # finished. (The worker that served the /_ready probe drained too, earlier.)
+        unloads = [w for w in events if w[0] == "beforeunload" and int(w[2]) == task_pid]
+        assert unloads, events
+        assert float(unloads[0][3]) < float(done[3]), events
         # A fresh worker serves the next request.
         new_pid = httpx.get(f"{srv.url}/pid", timeout=5).json()["pid"]
         assert new_pid != task_pid
@@ -119,8 +135,11 @@ def test_preload_starts_the_runtime_in_each_worker(evidence: Path) -> None:
     assert seen <= unloaded
 
 
-def test_task_longer_than_the_grace_is_cancelled_and_the_worker_exits(evidence: Path) -> None:
-    with gunicorn(evidence, grace=1.0) as srv:
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_task_longer_than_the_grace_is_cancelled_and_the_worker_exits(
+    evidence: Path, worker: str
+) -> None:
+    with gunicorn(evidence, grace=1.0, worker=worker) as srv:
         task_id = start_task(srv, "/async_work", 60)
         start_task(srv, "/work", 60)  # a thread stuck in time.sleep cannot be interrupted
         wait_for(lambda: len(lines(evidence)) >= 2, 5, "tasks to start")
@@ -152,3 +171,40 @@ def test_flask_dev_server_ctrl_c_drains(evidence: Path) -> None:
         stopped_within(srv, signal.SIGINT, 15)
     assert noted(evidence, "done", task_id), lines(evidence)
     assert noted(evidence, "beforeunload")
+
+
+def test_a_recycled_worker_outlives_gunicorns_timeout_while_it_drains(evidence: Path) -> None:
+    # Out of its run loop, a worker no longer heartbeats by itself: bgtasks does
+    # it for the drain, or the master's --timeout check would kill it mid-task.
+    with gunicorn(evidence, "--timeout", "2", "--max-requests", "1") as srv:
+        task_id = start_task(srv, "/work", 3.5)
+
+        def over() -> bool:
+            return noted(evidence, "done", task_id) or "WORKER TIMEOUT" in srv.output()
+
+        wait_for(over, 10, "the task to finish or the worker to be killed")
+        assert "WORKER TIMEOUT" not in srv.output(), srv.output()
+        assert noted(evidence, "done", task_id)
+
+
+def test_the_example_app_under_gunicorn(tmp_path: Path) -> None:
+    # As its README runs it (two workers, from the repository root), with its
+    # default SQLite store moved out of the working tree.
+    port = free_port()
+    argv = [*GUNICORN, *WORKERS["gthread"], "-w", "2", "-b", f"127.0.0.1:{port}"]
+    env = {"BGTASKS_STORE": f"sqlite:///{tmp_path}/example.db"}
+    app = "examples.flask_app.app:app"
+    with Server([*argv, app], port=port, env=env, ready_path="/", cwd=ROOT) as srv:
+        r = httpx.post(f"{srv.url}/reports", json={"rows": 1}, timeout=5)
+        assert r.status_code == 202, r.text
+        location = r.headers["location"]
+        assert location == r.json()["status_url"]
+
+        def succeeded() -> bool:
+            status = httpx.get(srv.url + location, timeout=5)
+            assert status.status_code == 200, status.text  # either worker knows the task
+            return status.json()["status"] == "succeeded"
+
+        wait_for(succeeded, 10, "the report to succeed")
+        assert httpx.get(srv.url + location, timeout=5).json()["result"]["rows"] == 1
+        stopped_within(srv, signal.SIGTERM, 15)

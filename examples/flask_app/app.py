@@ -1,9 +1,9 @@
 """A Flask app with background work: run it with ``flask`` or gunicorn.
 
-    flask --app examples.flask_app.app run
+    flask --app examples.flask_app.app run                   # from the repository root
     gunicorn -k gthread --threads 4 -w 2 --graceful-timeout 30 examples.flask_app.app:app
 
-Then:
+Then (port 5000 for ``flask run``, 8000 for gunicorn):
 
     curl -i -X POST localhost:5000/reports -H 'content-type: application/json' -d '{"rows": 5}'
     curl localhost:5000/_bgtasks/tasks/<id>          # the Location of the 202
@@ -13,6 +13,7 @@ Then:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -26,6 +27,9 @@ log = logging.getLogger("example")
 
 app = Flask(__name__)
 app.config.update(
+    # One SQLite file holds every task, so any gunicorn worker (-w 2) answers
+    # any status URL. BGTASKS_STORE=memory keeps them in each worker's memory.
+    BGTASKS_STORE=os.environ.get("BGTASKS_STORE", "sqlite:///bgtasks-flask-example.db"),
     # Below gunicorn's graceful_timeout (30 s by default): the drain must end
     # before gunicorn kills the worker.
     BGTASKS_SHUTDOWN_GRACE=20.0,
