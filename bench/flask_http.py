@@ -82,6 +82,23 @@ def _hop_worker() -> None:
         fn()  # type: ignore[operator]
 
 
+def _busy_20us() -> None:
+    x = 0
+    for i in range(300):  # about 20 us of Python on this machine
+        x += i
+
+
+@app.get("/hop_busy")
+def hop_busy() -> tuple[dict[str, bool], int]:
+    # A hand-off whose thread then runs ~20 us of Python (about what a task's
+    # bookkeeping and Flask context cost): the price of the GIL being shared.
+    if not getattr(hop, "started", False):
+        hop.started = True  # type: ignore[attr-defined]
+        threading.Thread(target=_hop_worker, daemon=True).start()
+    _hop.put(_busy_20us)
+    return {"ok": True}, 202
+
+
 @app.get("/hop")
 def hop() -> tuple[dict[str, bool], int]:
     # The floor of any thread hand-off: a no-op put on a queue one daemon thread reads.
@@ -134,7 +151,8 @@ def main() -> None:
         "--detail",
         action="store_true",
         help="also load /runtime_sync, /runtime_async (the runtime without Flask's context) "
-        "and /hop (a bare queue hand-off to one thread)",
+        "and /hop, /hop_busy (a bare queue hand-off to one thread, of a no-op and of ~20 us "
+        "of Python)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -156,7 +174,7 @@ def main() -> None:
         _wrk(base + "/plain", 1, args.threads, args.connections)
         routes = ["plain", "background"]
         if args.detail:
-            routes += ["runtime_sync", "runtime_async", "hop"]
+            routes += ["runtime_sync", "runtime_async", "hop", "hop_busy"]
         (worker,) = psutil.Process(server.pid).children()
         results: dict[str, list[float]] = {route: [] for route in routes}
         cpu: dict[str, list[float]] = {route: [] for route in routes}

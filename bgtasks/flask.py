@@ -45,7 +45,7 @@ try:
     from flask import current_app, g, has_request_context, request
     from flask.ctx import RequestContext
     from flask.globals import request_ctx
-    from werkzeug.datastructures import FileStorage, ImmutableMultiDict
+    from werkzeug.datastructures import EnvironHeaders, FileStorage, ImmutableMultiDict
     from werkzeug.wrappers import Response as WerkzeugResponse
 except ImportError as exc:  # pragma: no cover - depends on the environment
     msg = "bgtasks.flask needs Flask: pip install 'bgtasks[flask]'."
@@ -287,6 +287,13 @@ async def _await_in_context(carry: _Carry, coro: Any) -> Any:
         return await coro
 
 
+# Request attributes a task's request does not take over from its request's:
+# bound to the request's environ or input stream, per-attempt state, or
+# mutable values (the parsed JSON) the two threads must not share.
+_NOT_CARRIED = frozenset(
+    ("environ", "headers", "stream", "files", "form", "_cached_json", "url_rule", "view_args")
+)
+
 # What RequestContext.__init__ sets in the Flask versions _TaskRequestContext
 # knows; any other layout takes the general path (app.request_context).
 _CTX_ATTRS = frozenset(
@@ -314,7 +321,10 @@ class _Carry:
         "files",
         "form",
         "g",
+        "request_class",
+        "request_state",
         "routing_exception",
+        "session",
         "url_adapter",
         "url_rule",
         "view_args",
@@ -350,6 +360,35 @@ class _Carry:
         view_args = req.view_args
         self.view_args = None if view_args is None else dict(view_args)
         self.routing_exception = req.routing_exception
+        self.request_class: type[flask.Request] = type(req)
+        self.request_state: dict[str, Any] | None = None
+        self.session: Any = None
+        if self.fast and type(req) is app.request_class:
+            # What the request computed already (its parsed URL, args, cookies,
+            # cached body...), for the task's request to start from instead of
+            # parsing the environ again; and its session, already opened (as
+            # Flask's own RequestContext.copy() does). Everything tied to the
+            # request's environ or streams is left out and made afresh.
+            state = dict(vars(req))
+            for key in _NOT_CARRIED:
+                state.pop(key, None)
+            self.request_state = state
+            self.session = ctx._session
+
+    def new_request(self, environ: WSGIEnvironment) -> flask.Request:
+        """The task's request object, for one attempt."""
+        state = self.request_state
+        if state is None:
+            req = self.app.request_class(environ)
+            req.json_module = self.app.json
+            return req
+        req = self.request_class.__new__(self.request_class)
+        d = vars(req)
+        d.update(state)
+        d["environ"] = environ
+        d["headers"] = EnvironHeaders(environ)
+        environ["werkzeug.request"] = req
+        return req
 
     def contexts(self) -> tuple[flask.ctx.AppContext, RequestContext]:
         """A fresh app context (the request's own has been torn down, or will be)
@@ -395,13 +434,12 @@ class _TaskRequestContext(RequestContext):
         # RequestContext.__init__ without create_url_adapter (Flask 2.3 to 3.1;
         # _Carry.fast checked the layout on the request's own context).
         app = carry.app
-        request = app.request_class(environ)
-        request.json_module = app.json
+        request = carry.new_request(environ)
         self.app = app
         self.request = request
         self.url_adapter = carry.url_adapter
         self.flashes = None
-        self._session = None
+        self._session = carry.session  # None: opened on push, as usual
         self._after_request_functions = []
         self._cv_tokens = []
         self._carry = carry

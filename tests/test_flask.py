@@ -746,3 +746,45 @@ def test_durable_view_with_the_sqlite_store(make_app: Callable[..., Flask], tmp_
     record = finished(app, r.get_json()["id"])
     assert record.result == {"order": 7, "json": {"express": True}}
     assert client.get(r.headers["Location"]).get_json()["status"] == "succeeded"
+
+
+def test_the_task_sees_the_requests_session_headers_and_its_own_json(app: Flask) -> None:
+    from flask import session
+
+    app.secret_key = "test"
+
+    @app.post("/login")
+    def login() -> str:
+        session["user"] = "ada"
+        return "ok"
+
+    seen: dict[str, Any] = {}
+
+    @app.post("/job")
+    def job() -> tuple[str, int]:
+        data = request.get_json()
+
+        def task() -> None:
+            seen.update(
+                user=session.get("user"),
+                agent=request.headers.get("X-Agent"),
+                args=request.args.to_dict(),
+                json=request.get_json(),
+                cookies=sorted(request.cookies),
+            )
+
+        handle = bgtasks.wait_until(task)
+        data["changed"] = True  # the request's parsed JSON is its own
+        return handle.id, 202
+
+    client = app.test_client()
+    client.post("/login")
+    r = client.post("/job?x=1", json={"n": 1}, headers={"X-Agent": "t"})
+    assert finished(app, r.get_data(as_text=True)).status == "succeeded"
+    assert seen == {
+        "user": "ada",
+        "agent": "t",
+        "args": {"x": "1"},
+        "json": {"n": 1},
+        "cookies": ["session"],
+    }
