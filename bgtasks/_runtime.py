@@ -447,7 +447,7 @@ class Runtime:
                     "wait_until(fn(a, b)) or wait_until(fn, a, b)."
                 )
                 raise TypeError(msg)
-            if limits is None and self.limits.unlimited:
+            if limits is None and (self.limits is NO_LIMITS or self.limits.unlimited):
                 # The hot path, kept flat: admit, then one create_task.
                 t = self._admit(name or aw.__qualname__, aw)
                 if _get_ident() == self._loop_thread_id:
