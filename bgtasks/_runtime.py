@@ -1035,7 +1035,11 @@ class Runtime:
 
     # ------------------------------------------------------------------ stopping
     def cancel(self, task_id: str) -> bool:
-        """Cancel a pending or running task. False if unknown or already finished."""
+        """Cancel a pending or running task. False if unknown or already finished.
+
+        True means the cancellation was requested: a task whose last step was
+        already returning can still end ``succeeded``; its record says.
+        """
         t = self._registry.get(task_id)
         if t is None and self._persist and isinstance(task_id, str):
             # Another process's task, in a shared store: ask its owner to cancel it.
