@@ -225,7 +225,9 @@ class Runtime:
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
         self._registry: dict[str, TaskHandle] = {}  # every known task, until it expires
         self._running: dict[str, TaskHandle] = {}  # started, in start order
-        self._finished: collections.deque[tuple[float, str]] = collections.deque()
+        # Ids of finished tasks, oldest first (their handles hold the times): ids,
+        # not (time, id) tuples, so a finished task adds no object for the GC.
+        self._finished: collections.deque[str] = collections.deque()
         # Unfinished tasks: _unfinished is written only on the loop thread (no lock on
         # the hot path); admissions from other threads count in _foreign, under
         # _lock, until _spawn moves them over.
@@ -846,7 +848,6 @@ class Runtime:
         t._status = status
         if status != "failed" or t._finished_at is None:
             t._finished_at = _now()
-        now = t._finished_at
         t._task = None
         t._work = None
         self._running.pop(t._id, None)
@@ -854,9 +855,9 @@ class Runtime:
             self.store.save(t)
         if self.retention > 0:
             finished = self._finished
-            finished.append((now, t._id))
+            finished.append(t._id)
             if len(finished) > self.max_finished:  # memory before history
-                self._registry.pop(finished.popleft()[1], None)
+                self._registry.pop(finished.popleft(), None)
         else:
             self._registry.pop(t._id, None)
         self._unfinished -= 1
@@ -989,10 +990,10 @@ class Runtime:
             wake = bool(self._idle_waiters) and not self._foreign and not self._unfinished
         if self.retention > 0:
             finished = self._finished
-            finished.append((now, t._id))
+            finished.append(t._id)
             if len(finished) > self.max_finished:
                 with contextlib.suppress(IndexError):
-                    self._registry.pop(finished.popleft()[1], None)
+                    self._registry.pop(finished.popleft(), None)
         else:
             self._registry.pop(t._id, None)
         if (callbacks or wake) and self._loop is not None:
@@ -1158,11 +1159,17 @@ class Runtime:
         """Forget finished tasks older than ``retention``; returns how many."""
         cutoff = _now() - self.retention
         finished = self._finished
+        registry = self._registry
         n = 0
-        while finished and finished[0][0] <= cutoff:
-            _, task_id = finished.popleft()
-            if self._registry.pop(task_id, None) is not None:
+        while finished:
+            t = registry.get(finished[0])
+            if t is not None:
+                ended = t._finished_at
+                if ended is not None and ended > cutoff:
+                    break  # finished in order: the rest are newer
+                del registry[t._id]
                 n += 1
+            finished.popleft()
         self.store.expire(self, cutoff)
         return n
 
