@@ -229,7 +229,9 @@ class _OneAnnotation:
 
     def __init__(self, fn: Callable[..., Any], name: str, annotation: Any) -> None:
         self.__annotations__ = {name: annotation}
-        self.__globals__: dict[str, Any] = getattr(fn, "__globals__", {})
+        # As get_type_hints does for fn itself: the innermost function's globals.
+        inner = inspect.unwrap(fn) if callable(fn) else fn
+        self.__globals__: dict[str, Any] = getattr(inner, "__globals__", {})
 
 
 def _check_storable(what: str, name: str, ann: Any, typ: Any) -> None:
