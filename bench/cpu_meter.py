@@ -4,7 +4,7 @@
     python bench/cpu_meter.py --old PATH    # also time another _enforce.py (A/B)
 
 Per step: a coroutine awaiting ``asyncio.sleep(0)`` driven by hand (no event
-loop), bare and under ``Metered``; then the same inside an event loop with
+loop), bare and under the meter (``metered``); then the same inside an event loop with
 10 000 concurrent tasks, where the working set is large. Figures are the
 minimum (isolated) or median (in a loop) of several rounds.
 """
@@ -49,6 +49,11 @@ async def _steps(n: int) -> None:
         await asyncio.sleep(0)
 
 
+def _meter(mod: ModuleType) -> Any:
+    # ``metered`` now; ``Metered`` in older copies of _enforce.py (for --old).
+    return getattr(mod, "metered", None) or mod.Metered
+
+
 def _drive(aw: Any) -> None:
     it = aw.__await__() if hasattr(aw, "__await__") else aw  # an old-style Metered
     try:
@@ -67,7 +72,7 @@ def isolated(mod: ModuleType, label: str, steps: int = 20_000) -> float:
             _drive(_steps(steps))
 
         def meter() -> None:
-            _drive(mod.Metered(_steps(steps), mod.Slot(wd, 1e9)))
+            _drive(_meter(mod)(_steps(steps), mod.Slot(wd, 1e9)))
 
         b = min(timeit.repeat(bare, number=1, repeat=7)) / steps
         m = min(timeit.repeat(meter, number=1, repeat=7)) / steps
@@ -97,7 +102,7 @@ async def in_loop(mods: list[tuple[str, ModuleType]], n: int = 10_000, rounds: i
         if mod is None:
             make = bare
         else:
-            metered, slot = mod.Metered, mod.Slot
+            metered, slot = _meter(mod), mod.Slot
 
             async def make() -> None:
                 await metered(_small(), slot(wd, 1e9))
@@ -140,6 +145,7 @@ def per_task(mod: ModuleType) -> None:
         pass
 
     env = {"mod": mod, "wd": wd, "functools": functools, "warn": warn, "d": deadlines}
+    env["meter"] = _meter(mod)
     env["coro"] = coro
     env["slot"] = mod.Slot(wd, 60.0)
     wd.watch()  # the usual state: other limited tasks are running
@@ -147,7 +153,7 @@ def per_task(mod: ModuleType) -> None:
         "mod.Slot(wd, 60.0, on_warn=functools.partial(warn, 1, 'cpu'))",
         "functools.partial(warn, 1, 'cpu')",
         "wd.watch(); wd.unwatch()",
-        "c = coro(); m = mod.Metered(c, slot); "
+        "c = coro(); m = meter(c, slot); "
         "getattr(m, '__await__', lambda: m)().close(); c.close()",
         "c = coro(); c.close()",
         "d.cancel(d.add(60.0, warn, 1, 2))",

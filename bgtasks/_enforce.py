@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable, Generator
 from typing import Any
 
-__all__ = ["EXTRAPOLATE", "Deadlines", "Interrupt", "Metered", "Slot", "Watchdog"]
+__all__ = ["EXTRAPOLATE", "Deadlines", "Interrupt", "Slot", "Watchdog", "metered"]
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
@@ -146,8 +146,6 @@ class Slot:
         if not self.warned and self.cpu_base >= 0.9 * budget:
             self.warn()
 
-    disarm = disarm_safely
-
     def settle(self, tid: int) -> None:
         """After ``armed_thread = None`` when ``firing`` is set: wait until the
         firer is done, then make sure an interrupt it fired is never raised."""
@@ -232,10 +230,13 @@ class Slot:
 def metered(coro: Any, slot: Slot) -> Generator[Any, Any, Any]:
     """Await ``coro`` step by step, charging each step's CPU to ``slot``.
 
+    ``metered(coro, slot)`` is awaitable itself (a generator-based coroutine):
+    no wrapper object and no ``__await__`` call per task.
+
     Raises ``Interrupt`` when the watchdog stopped a step or the budget is
     spent at the end of one (the coroutine is closed first). This runs once
     per step of every CPU-limited coroutine, so ``Slot.arm`` and
-    ``Slot.disarm`` are inlined, and the thread's CPU clock is extrapolated
+    ``Slot.disarm_safely`` are inlined, and the thread's CPU clock is extrapolated
     from a recent reading when there is one (see ``EXTRAPOLATE``).
     """
     # No locals bound to ``coro.send``/``coro.throw``: each would be one more
@@ -304,10 +305,6 @@ def metered(coro: Any, slot: Slot) -> Generator[Any, Any, Any]:
         if armed.get(tid) is slot:
             del armed[tid]
 
-
-# ``Metered(coro, slot)`` is awaitable itself (a generator-based coroutine):
-# no wrapper object and no ``__await__`` call per task.
-Metered = metered
 
 
 class Watchdog:

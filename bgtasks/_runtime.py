@@ -21,7 +21,7 @@ import stamina
 from pydantic_core import to_jsonable_python
 
 from . import _context
-from ._enforce import Deadlines, Interrupt, Metered, Slot, Watchdog
+from ._enforce import Deadlines, Interrupt, Slot, Watchdog, metered
 from ._errors import (
     BgTasksError,
     CPULimitExceeded,
@@ -688,10 +688,10 @@ class Runtime:
         try:
             if spec.kind == "coro":
                 work = spec.fn
-                return await (Metered(work, slot) if slot is not None else work)
+                return await (metered(work, slot) if slot is not None else work)
             if spec.kind == "async":
                 coro = spec.fn(*spec.args, **spec.kwargs)
-                return await (Metered(coro, slot) if slot is not None else coro)
+                return await (metered(coro, slot) if slot is not None else coro)
             if spec.kind == "sync":
                 return await self._in_thread(t, spec, slot or Slot(self._watchdog, None))
             return await self._in_process(t, spec)

@@ -321,7 +321,6 @@ class _Carry:
         "files",
         "form",
         "g",
-        "request_class",
         "request_state",
         "routing_exception",
         "session",
@@ -360,7 +359,6 @@ class _Carry:
         view_args = req.view_args
         self.view_args = None if view_args is None else dict(view_args)
         self.routing_exception = req.routing_exception
-        self.request_class: type[flask.Request] = type(req)
         self.request_state: dict[str, Any] | None = None
         self.session: Any = None
         if self.fast and type(req) is app.request_class:
@@ -382,7 +380,8 @@ class _Carry:
             req = self.app.request_class(environ)
             req.json_module = self.app.json
             return req
-        req = self.request_class.__new__(self.request_class)
+        cls = self.app.request_class  # the request's own class (checked in __init__)
+        req = cls.__new__(cls)
         d = vars(req)
         d.update(state)
         d["environ"] = environ
