@@ -59,6 +59,8 @@ Isolation = Literal["inline", "process"]
 _CoroutineType = types.CoroutineType
 _get_ident = threading.get_ident
 _now = time.time
+_set_current_task = _context.current_task_var.set
+_get_responder = _context.responder.get
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -224,7 +226,6 @@ class Runtime:
 
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
         self._registry: dict[str, TaskHandle] = {}  # every known task, until it expires
-        self._running: dict[str, TaskHandle] = {}  # started, in start order
         # Ids of finished tasks, oldest first (their handles hold the times): ids,
         # not (time, id) tuples, so a finished task adds no object for the GC.
         self._finished: collections.deque[str] = collections.deque()
@@ -601,8 +602,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ running
     async def _run(self, t: TaskHandle) -> None:
-        _context.current_task_var.set(t)
-        if _context.responder.get() is not None:
+        _set_current_task(t)
+        if _get_responder() is not None:
             _context.responder.set(None)
         work = t._work
         if self._persist:  # a shared store: other processes read this record
@@ -616,9 +617,9 @@ class Runtime:
                 t._status = "running"
                 t._attempts = 1
                 t._started_at = _now()
-                self._running[t._id] = t
                 result = await work
-                self._succeed(t, result)
+                t._result = None if result is None else self._jsonable(t, result)
+                self._finish(t, "succeeded")
             else:
                 await self._run_attempts(t, work)
         except asyncio.CancelledError:
@@ -662,7 +663,6 @@ class Runtime:
         t._started_at = _now()
         if t._x is not None:
             t._x.stop_exc = None
-        self._running[t._id] = t
         self.store.save(t)
 
     async def _attempt(self, t: TaskHandle, spec: Spec) -> Any:
@@ -850,7 +850,6 @@ class Runtime:
             t._finished_at = _now()
         t._task = None
         t._work = None
-        self._running.pop(t._id, None)
         if status != "failed" and self._persist:
             self.store.save(t)
         if self.retention > 0:
@@ -924,7 +923,6 @@ class Runtime:
             if self._claim(t):
                 self._finish_direct(t, "cancelled", None)
             return
-        self._running[t._id] = t
         try:
             value = ctx.run(_call_in_task, t, spec)
             ok = True
@@ -976,7 +974,6 @@ class Runtime:
         """``_finish`` for a direct task, on its worker thread."""
         t._result = result
         t._work = None
-        self._running.pop(t._id, None)
         now = _now()
         with self._lock:
             t._finished_at = now
@@ -1194,13 +1191,14 @@ class Runtime:
             elif rss < 0.8 * limit:
                 warned = False
             victim = None
-            if rss >= limit and self._running:
-                # Direct sync tasks add and remove themselves from worker threads.
-                with contextlib.suppress(RuntimeError, StopIteration):
-                    # Newest first, skipping one already failed (its hooks still run).
-                    victim = next(
-                        t for t in reversed(self._running.values()) if t._status == "running"
-                    )
+            if rss >= limit:
+                # The newest running task (not one already failing: its hooks still
+                # run); on a tie, the one admitted last. A copy: threads admit
+                # tasks meanwhile.
+                tasks = list(self._registry.values())
+                running = [t for t in reversed(tasks) if t._status == "running"]
+                if running:
+                    victim = max(running, key=_started_at)
             if victim is not None:
                 self._stop(
                     victim,
@@ -1228,6 +1226,10 @@ def _call_in_task(t: TaskHandle, spec: Spec) -> Any:
     if _context.responder.get() is not None:
         _context.responder.set(None)
     return spec.fn(*spec.args, **spec.kwargs)
+
+
+def _started_at(t: TaskHandle) -> float:
+    return t._started_at or 0.0
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -614,9 +614,9 @@ async def test_drain_waits_until_idle() -> None:
         handles = [rt.wait_until(anyio.sleep(0.01 * i)) for i in range(5)]
         assert await rt.drain(5) is True
         assert all(h.status == "succeeded" for h in handles)
-        rt.wait_until(anyio.sleep(5))
+        long = rt.wait_until(anyio.sleep(5))
         assert await rt.drain(0.05) is False
-        rt.cancel(next(iter(rt._running)))
+        long.cancel()
 
 
 async def test_handle_wait_timeout() -> None:
