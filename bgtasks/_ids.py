@@ -15,9 +15,12 @@ _VALID = re.compile(r"[A-Za-z0-9_-]{24}")
 _pool: list[str] = []
 
 
+_SLICES = [slice(i, i + _ID_LEN) for i in range(0, _ID_LEN * _BATCH, _ID_LEN)]
+
+
 def _refill() -> None:
     text = base64.urlsafe_b64encode(os.urandom(_ID_BYTES * _BATCH)).decode("ascii")
-    _pool.extend([text[i : i + _ID_LEN] for i in range(0, len(text), _ID_LEN)])
+    _pool.extend(map(text.__getitem__, _SLICES))
 
 
 def _reset_after_fork() -> None:

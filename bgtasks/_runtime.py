@@ -527,9 +527,14 @@ class Runtime:
             msg = "the runtime is shutting down and accepts no new work; retry on another worker."
             raise RegistryFull(msg, retry_after=1.0)
         if _get_ident() == self._loop_thread_id:
-            full = self._full()
-            if not full:
+            max_pending = self.max_pending
+            if (
+                max_pending is None or self._unfinished + self._foreign < max_pending
+            ) and not self._memory_high:  # _full(), inlined: on every task
+                full: Literal["pending", "memory", ""] = ""
                 self._unfinished += 1
+            else:
+                full = self._full()
         else:
             with self._lock:
                 full = self._full()

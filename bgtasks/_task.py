@@ -17,6 +17,7 @@ __all__ = ["ErrorInfo", "Progress", "TaskHandle", "TaskRecord", "TaskStatus"]
 
 TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+_now = time.time
 
 
 class ErrorInfo(pydantic.BaseModel):
@@ -99,7 +100,7 @@ class TaskHandle:
         self._id = task_id
         self._name = name
         self._status: TaskStatus = "pending"
-        self._created_at = time.time()
+        self._created_at = _now()
         self._started_at: float | None = None
         self._finished_at: float | None = None
         self._attempts = 0
