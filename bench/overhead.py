@@ -28,6 +28,7 @@ from typing import Any
 
 import bgtasks
 from bgtasks import Limits, Runtime
+from bgtasks._ids import new_id
 
 
 async def noop() -> None:
@@ -82,7 +83,7 @@ class _Handle:
     # What any design that returns a handle per task keeps for it, at least.
     __slots__ = ("id", "result", "status", "task")
 
-    def __init__(self, task_id: int) -> None:
+    def __init__(self, task_id: str) -> None:
         self.id = task_id
         self.status = "pending"
         self.result: Any = None
@@ -93,13 +94,14 @@ _current: contextvars.ContextVar[_Handle | None] = contextvars.ContextVar("curre
 
 
 async def floor(n: int, make: Callable[[], Coroutine[Any, Any, Any]]) -> float:
-    """The structural floor of a wait_until: a handle per task, a wrapper
-    coroutine that sets a current-task context variable (so code in the task,
-    and subtasks it starts, can find the task) and records the outcome, and a
-    registry entry. No ids, timestamps, admission or retention. bgtasks cannot
-    cost less than this without dropping one of those."""
+    """The structural floor of a wait_until: a handle per task with an id of
+    144 random bits (from bgtasks' own batched generator), a wrapper coroutine
+    that sets a current-task context variable (so code in the task, and
+    subtasks it starts, can find the task) and records the outcome, and a
+    registry entry. No timestamps, admission, retention or drain bookkeeping.
+    bgtasks cannot cost less than this without dropping one of those."""
     loop = asyncio.get_running_loop()
-    registry: dict[int, _Handle] = {}
+    registry: dict[str, _Handle] = {}
     left = n
     finished = loop.create_future()
 
@@ -116,9 +118,9 @@ async def floor(n: int, make: Callable[[], Coroutine[Any, Any, Any]]) -> float:
             finished.set_result(None)
 
     t0 = time.perf_counter()
-    for i in range(n):
-        h = _Handle(i)
-        registry[i] = h
+    for _ in range(n):
+        h = _Handle(new_id())
+        registry[h.id] = h
         h.task = loop.create_task(run(h, make()))
     await finished
     return (time.perf_counter() - t0) / n
