@@ -7,9 +7,11 @@ One gunicorn master with 1 gthread worker (4 threads) serves this module's
 ``GET /background`` (a ``@bgtasks.background`` view doing the same work as a
 task: it answers 202 and the runtime runs the view in a worker thread inside a
 copy of the request context), interleaved, ``--rounds`` times each; the
-median requests/s of each and their ratio are printed. ``--detail`` adds two
-routes that schedule through the runtime without Flask's context, to show
-where the cost goes. Needs ``wrk``
+median requests/s of each and their ratio are printed. ``--detail`` adds
+routes that show where the cost goes: two schedule through the runtime
+without Flask's context, two hand work to a bare daemon thread.
+``--inline-tasks`` (a diagnostic) runs sync tasks on the request thread, to
+show what the work costs without a second thread. Needs ``wrk``
 (``apt-get install -y wrk``).
 """
 
@@ -35,6 +37,13 @@ from flask import Flask
 
 import bgtasks
 from bgtasks.flask import BgTasks
+
+if os.environ.get("BENCH_INLINE_TASKS"):
+    # --inline-tasks (a diagnostic, not a mode bgtasks offers): sync tasks run on
+    # the thread that submits them, so no work is handed to another thread.
+    from bgtasks import _threads
+
+    _threads.ThreadPool.submit = lambda self, fn: fn()  # type: ignore[method-assign]
 
 app = Flask(__name__)
 BgTasks(app)
@@ -162,6 +171,12 @@ def main() -> None:
         "and /hop, /hop_busy (a bare queue hand-off to one thread, of a no-op and of ~11 us "
         "of Python)",
     )
+    parser.add_argument(
+        "--inline-tasks",
+        action="store_true",
+        help="diagnostic: run sync tasks on the request thread, during the request, to "
+        "show what the work costs without a second thread",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -174,6 +189,8 @@ def main() -> None:
         "--log-level", "warning", "bench.flask_http:app",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(here.parent))
+    if args.inline_tasks:
+        env["BENCH_INLINE_TASKS"] = "1"
     server = subprocess.Popen(argv, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
