@@ -527,14 +527,9 @@ class Runtime:
             msg = "the runtime is shutting down and accepts no new work; retry on another worker."
             raise RegistryFull(msg, retry_after=1.0)
         if _get_ident() == self._loop_thread_id:
-            max_pending = self.max_pending
-            if (
-                max_pending is None or self._unfinished + self._foreign < max_pending
-            ) and not self._memory_high:  # _full(), inlined: on every task
-                full: Literal["pending", "memory", ""] = ""
+            full = self._full()
+            if not full:
                 self._unfinished += 1
-            else:
-                full = self._full()
         else:
             with self._lock:
                 full = self._full()
@@ -623,8 +618,7 @@ class Runtime:
                 t._attempts = 1
                 t._started_at = _now()
                 result = await work
-                t._result = None if result is None else self._jsonable(t, result)
-                self._finish(t, "succeeded")
+                self._succeed(t, result)
             else:
                 await self._run_attempts(t, work)
         except asyncio.CancelledError:
