@@ -24,6 +24,8 @@ import timeit
 from types import ModuleType
 from typing import Any
 
+from overhead import small_work  # the same task as overhead.py's tiny steps
+
 from bgtasks import _enforce
 
 
@@ -86,17 +88,9 @@ def isolated(mod: ModuleType, label: str, steps: int = 20_000) -> float:
     return m - b
 
 
-async def _small() -> int:
-    total = 0
-    for i in range(3):
-        await asyncio.sleep(0)
-        total += sum(range(50)) + i
-    return total
-
-
 async def in_loop(mods: list[tuple[str, ModuleType]], n: int = 10_000, rounds: int = 7) -> None:
     async def bare() -> None:
-        await _small()
+        await small_work()
 
     async def run(mod: ModuleType | None, wd: Any) -> float:
         if mod is None:
@@ -105,7 +99,7 @@ async def in_loop(mods: list[tuple[str, ModuleType]], n: int = 10_000, rounds: i
             metered, slot = _meter(mod), mod.Slot
 
             async def make() -> None:
-                await metered(_small(), slot(wd, 1e9))
+                await metered(small_work(), slot(wd, 1e9))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(make() for _ in range(n)))
@@ -153,8 +147,7 @@ def per_task(mod: ModuleType) -> None:
         "mod.Slot(wd, 60.0, on_warn=functools.partial(warn, 1, 'cpu'))",
         "functools.partial(warn, 1, 'cpu')",
         "wd.watch(); wd.unwatch()",
-        "c = coro(); m = meter(c, slot); "
-        "getattr(m, '__await__', lambda: m)().close(); c.close()",
+        "c = coro(); m = meter(c, slot); getattr(m, '__await__', lambda: m)().close(); c.close()",
         "c = coro(); c.close()",
         "d.cancel(d.add(60.0, warn, 1, 2))",
     ):

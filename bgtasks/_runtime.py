@@ -1221,8 +1221,8 @@ _HOOK_MIN_TIMEOUT = 1.0  # unhandledrejection handlers get max(shutdown_grace, t
 
 def _call_in_task(t: TaskHandle, spec: Spec) -> Any:
     # Runs inside the task's own copy of the caller's context.
-    _context.current_task_var.set(t)
-    if _context.responder.get() is not None:
+    _set_current_task(t)
+    if _get_responder() is not None:
         _context.responder.set(None)
     return spec.fn(*spec.args, **spec.kwargs)
 

@@ -19,7 +19,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -267,10 +267,9 @@ async def test_a_durable_call_on_the_loop_thread_warns_once_and_still_commits(
     assert "`await double.submit_async(...)`" in message
 
 
-async def test_endpoint_answers_202_once_journaled(tmp_path: Path) -> None:
-    # The async endpoint awaits the write off the loop; its 202 means "we have it".
-    db = tmp_path / "t.db"
-    rt = bgtasks.Runtime(store=url(db), shutdown_grace=0.1)
+@contextlib.asynccontextmanager
+async def _work_client(rt: bgtasks.Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a FastAPI app serving ``durable_apps.work`` at POST /work on ``rt``."""
     app = FastAPI()
     app.add_middleware(BackgroundMiddleware, runtime=rt)
     app.add_api_route("/work", durable_apps.work, methods=["POST"])
@@ -278,6 +277,14 @@ async def test_endpoint_answers_202_once_journaled(tmp_path: Path) -> None:
         LifespanManager(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client,
     ):
+        yield client
+
+
+async def test_endpoint_answers_202_once_journaled(tmp_path: Path) -> None:
+    # The async endpoint awaits the write off the loop; its 202 means "we have it".
+    db = tmp_path / "t.db"
+    rt = bgtasks.Runtime(store=url(db), shutdown_grace=0.1)
+    async with _work_client(rt) as client:
         r = await client.post("/work", params={"n": 5})
         assert r.status_code == 202, r.text
         task_id = r.json()["id"]
@@ -357,13 +364,7 @@ async def test_a_failed_journal_write_refuses_the_call_and_leaves_no_trace(
 async def test_a_locked_database_at_journal_time_refuses_the_call(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     rt = bgtasks.Runtime(store=url(db, "busy_timeout=0.1"))
-    app = FastAPI()
-    app.add_middleware(BackgroundMiddleware, runtime=rt)
-    app.add_api_route("/work", durable_apps.work, methods=["POST"])
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client,
-    ):
+    async with _work_client(rt) as client:
         with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
             other.execute("BEGIN EXCLUSIVE")
             try:
