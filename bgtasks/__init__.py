@@ -17,6 +17,7 @@ from ._errors import RuntimeNotActive as RuntimeNotActive
 from ._errors import StoreError as StoreError
 from ._errors import WallClockLimitExceeded as WallClockLimitExceeded
 from ._errors import WorkerCrashed as WorkerCrashed
+from ._handle import TaskHandle as TaskHandle
 from ._hooks import BeforeUnloadEvent as BeforeUnloadEvent
 from ._hooks import UnhandledRejectionEvent as UnhandledRejectionEvent
 from ._hooks import UnloadReason as UnloadReason
@@ -25,7 +26,6 @@ from ._runtime import Backoff as Backoff
 from ._runtime import Runtime as Runtime
 from ._task import ErrorInfo as ErrorInfo
 from ._task import Progress as Progress
-from ._task import TaskHandle as TaskHandle
 from ._task import TaskRecord as TaskRecord
 from ._task import TaskStatus as TaskStatus
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, over
 from typing_extensions import ParamSpec
 
 from . import _context
+from ._handle import TaskHandle
 from ._limits import Limits
 from ._runtime import Isolation, Kind, Runtime, Spec, _describe, active, is_async_callable
-from ._task import TaskHandle
 
 if TYPE_CHECKING:
     from ._process import WorkerTask

@@ -6,8 +6,8 @@ import contextvars
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from ._handle import TaskHandle
     from ._runtime import Runtime
-    from ._task import TaskHandle
 
 __all__ = ["active_runtime", "current_task_var", "responder", "wrap_work"]
 

@@ -29,9 +29,10 @@ import pydantic_core
 import typing_extensions
 
 from ._errors import RegistryFull, StoreError
+from ._handle import TaskHandle
 from ._limits import Limits
 from ._runtime import Spec, is_async_callable
-from ._task import TaskHandle, TaskRecord, TaskStatus
+from ._task import TaskRecord, TaskStatus
 from .stores._journal import JournalEntry
 
 if TYPE_CHECKING:

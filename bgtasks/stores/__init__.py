@@ -16,8 +16,9 @@ from ._journal import JournalEntry
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
+    from .._handle import TaskHandle
     from .._runtime import Runtime
-    from .._task import TaskHandle, TaskRecord
+    from .._task import TaskRecord
 
 __all__ = ["JournalEntry", "MemoryStore", "Store", "open_store"]
 

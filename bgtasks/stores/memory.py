@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .._handle import TaskHandle
     from .._runtime import Runtime
-    from .._task import TaskHandle, TaskRecord
+    from .._task import TaskRecord
     from ._journal import JournalEntry
 
 __all__ = ["MemoryStore"]

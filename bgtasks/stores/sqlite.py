@@ -42,8 +42,8 @@ from .._task import FINISHED, ErrorInfo, Progress, TaskRecord
 from ._journal import JournalEntry
 
 if TYPE_CHECKING:
+    from .._handle import TaskHandle
     from .._runtime import Runtime
-    from .._task import TaskHandle
 
 __all__ = ["ClaimedTask", "SQLiteStore"]
 

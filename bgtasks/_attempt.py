@@ -1,0 +1,173 @@
+"""One attempt of a task under its limits: on the loop, in a worker thread, or in
+a worker process; and the warnings and stops the limits cause."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from ._enforce import Interrupt, Slot, metered
+from ._errors import CPULimitExceeded, WallClockLimitExceeded
+from ._hooks import BeforeUnloadEvent, UnloadReason
+from ._state import ctl_of
+
+if TYPE_CHECKING:
+    from ._handle import TaskHandle
+    from ._limits import Limits
+    from ._runtime import Runtime
+    from ._spec import Spec
+
+__all__ = ["ABANDON_AFTER", "attempt", "stop_error", "warn_threadsafe"]
+
+ABANDON_AFTER = 1.0  # seconds a stopped thread gets before it is abandoned
+
+
+async def attempt(rt: Runtime, t: TaskHandle, spec: Spec) -> Any:
+    """Run ``spec`` once for ``t`` and return its result; raise what stopped it."""
+    limits = spec.limits
+    # One deadline at a time: the 90% warning, which then sets the limit.
+    timer: list[list[Any]] = []
+    slot: Slot | None = None
+    deadlines = rt._deadlines
+    if limits.wall_clock is not None:
+        assert deadlines is not None
+        timer.append(deadlines.add(0.9 * limits.wall_clock, _wall_warn, rt, t, limits, timer))
+    if limits.cpu_time is not None and spec.kind != "process":
+        slot = Slot(
+            rt._watchdog,
+            limits.cpu_time,
+            on_warn=functools.partial(warn_threadsafe, rt, t, "cpu"),
+        )
+        ctl_of(t).slot = slot
+        rt._watchdog.watch()
+    try:
+        if spec.kind == "coro":
+            work = spec.fn
+            return await (metered(work, slot) if slot is not None else work)
+        if spec.kind == "async":
+            coro = spec.fn(*spec.args, **spec.kwargs)
+            return await (metered(coro, slot) if slot is not None else coro)
+        if spec.kind == "sync":
+            return await _in_thread(rt, t, spec, slot or Slot(rt._watchdog, None))
+        return await _in_process(rt, t, spec)
+    except Interrupt:
+        raise stop_error(t, spec) from None
+    except asyncio.CancelledError:
+        stop = t._x.stop_exc if t._x is not None else None
+        if stop is None:
+            raise
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
+        raise stop from None
+    finally:
+        if timer:
+            deadlines.cancel(timer[0])  # type: ignore[union-attr]
+        if slot is not None:
+            rt._watchdog.unwatch()
+            if t._x is not None:
+                t._x.slot = None
+
+
+def stop_error(t: TaskHandle, spec: Spec | None) -> BaseException:
+    """The error a stopped task fails with: the one its stop gave, else the CPU limit."""
+    stop: BaseException | None = t._x.stop_exc if t._x is not None else None
+    if stop is not None:
+        return stop
+    budget = spec.limits.cpu_time if spec is not None else None
+    return CPULimitExceeded(f"task {t._name!r} used more than its CPU limit of {budget:g}s")
+
+
+async def _in_thread(rt: Runtime, t: TaskHandle, spec: Spec, slot: Slot) -> Any:
+    loop = asyncio.get_running_loop()
+    assert rt._thread_sem is not None
+    fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+    ctx = contextvars.copy_context()
+    fn, args, kwargs = spec.fn, spec.args, spec.kwargs
+    ctl = ctl_of(t)
+    ctl.slot = slot
+
+    def deliver(outcome: tuple[bool, Any]) -> None:
+        if not fut.done():
+            fut.set_result(outcome)
+
+    def body() -> None:
+        try:
+            slot.arm()
+            outcome: tuple[bool, Any] = (True, ctx.run(fn, *args, **kwargs))
+        except BaseException as exc:
+            outcome = (False, exc)
+        slot.disarm_safely()
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(deliver, outcome)
+
+    async with rt._thread_sem:
+        rt._threads.submit(body)
+        try:
+            ok, value = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            slot.interrupt()
+            # Give the thread a moment to unwind; one blocked in a system call
+            # cannot be interrupted and is abandoned (it is a daemon thread).
+            await asyncio.wait((fut,), timeout=ABANDON_AFTER)
+            raise
+        finally:
+            ctl.slot = None
+    if not ok:
+        raise value
+    if inspect.isawaitable(value):  # a sync callable that returned a coroutine
+        return await value
+    return value
+
+
+async def _in_process(rt: Runtime, t: TaskHandle, spec: Spec) -> Any:
+    pool = rt._process_pool
+    if pool is None:
+        from ._process import ProcessPool
+
+        pool = rt._process_pool = ProcessPool(
+            size=rt.process_pool_size,
+            max_tasks_per_worker=rt.process_max_tasks,
+            idle_timeout=rt.process_idle_timeout,
+        )
+
+    def progress(done: float, total: float | None, message: str | None) -> None:
+        t._report_progress(done, total, message)
+
+    return await pool.run(
+        spec.fn,
+        spec.args,
+        spec.kwargs,
+        cpu_time=spec.limits.cpu_time,
+        memory=spec.limits.memory_bytes,
+        on_progress=progress,
+        on_cpu_warning=functools.partial(warn_threadsafe, rt, t, "cpu"),
+        task_id=t._id,
+        name=t._name,
+        attempt=t._attempts,
+    )
+
+
+def _wall_warn(rt: Runtime, t: TaskHandle, limits: Limits, timer: list[list[Any]]) -> None:
+    warn(rt, t, "wall_clock")
+    assert rt._deadlines is not None and limits.wall_clock is not None
+    wall = limits.wall_clock
+    error = WallClockLimitExceeded(f"task {t._name!r} ran past its wall-clock limit of {wall:g}s")
+    timer[0] = rt._deadlines.add(0.1 * wall, rt._stop, t, error)
+
+
+def warn(rt: Runtime, t: TaskHandle, reason: UnloadReason) -> None:
+    """``beforeunload`` for a task near its limit (loop thread)."""
+    if t._status == "running":
+        rt._fire_soon(BeforeUnloadEvent(reason, t.record))
+
+
+def warn_threadsafe(rt: Runtime, t: TaskHandle, reason: UnloadReason) -> None:
+    loop = rt._runner.loop
+    if loop is not None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(warn, rt, t, reason)

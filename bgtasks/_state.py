@@ -1,0 +1,136 @@
+"""A task's state and its transitions, and the one place its record is built.
+
+``TaskState`` holds what the runtime knows of one task. Its fields change only
+through the transition methods below, called by the runner on the loop thread
+(or, for a sync task that runs whole on a worker thread, on that thread under
+the admission lock: see ``_direct``). Other threads read a consistent-enough
+view: each field is one attribute store, and a record is built from them at once.
+``TaskHandle`` (``_handle``) is the public view over this state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._task import ErrorInfo, Progress, TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from ._enforce import Slot
+    from ._runtime import Runtime
+
+__all__ = ["Ctl", "TaskState", "ctl_of", "utc"]
+
+_now = time.time
+
+
+def utc(ts: float | None) -> _dt.datetime | None:
+    """A Unix time as an aware UTC datetime (None stays None)."""
+    return None if ts is None else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+
+
+class Ctl:
+    """Per-task control state, created only for tasks that need it (limits,
+    waiters, stops), so the common task stays small."""
+
+    __slots__ = ("callbacks", "claimed", "observed", "slot", "stop_exc")
+
+    def __init__(self) -> None:
+        self.slot: Slot | None = None
+        self.stop_exc: BaseException | None = None  # the error a stop fails the task with
+        self.callbacks: list[Callable[[], None]] = []  # run once the task has finished
+        self.claimed = False  # a direct task's ending is being recorded
+        self.observed: Any = None  # the ObservedTask, when observers are registered
+
+
+def ctl_of(t: TaskState) -> Ctl:
+    ctl: Ctl | None = t._x
+    if ctl is None:
+        ctl = t._x = Ctl()
+    return ctl
+
+
+class TaskState:
+    """One task's state. Everything here is private to the runtime."""
+
+    __slots__ = (
+        "__weakref__",
+        "_attempts",
+        "_created_at",
+        "_error",
+        "_finished_at",
+        "_id",
+        "_name",
+        "_progress",
+        "_result",
+        "_rt",
+        "_started_at",
+        "_status",
+        "_task",
+        "_work",
+        "_x",
+    )
+
+    def __init__(self, rt: Runtime, task_id: str, name: str) -> None:
+        self._rt = rt
+        self._id = task_id
+        self._name = name
+        self._status: TaskStatus = "pending"
+        self._created_at = _now()
+        self._started_at: float | None = None
+        self._finished_at: float | None = None
+        self._attempts = 0
+        self._error: ErrorInfo | None = None
+        self._result: Any = None
+        self._progress: Progress | None = None
+        self._task: asyncio.Task[None] | None = None  # the asyncio task running it
+        self._work: Any = None  # a coroutine or a Spec, until it finishes
+        self._x: Ctl | None = None
+
+    # ---------------------------------------------------------------- transitions
+    def _begin_attempt(self) -> None:
+        """pending -> running (or running again, for a retry)."""
+        self._status = "running"
+        self._attempts += 1
+        self._started_at = _now()
+        if self._x is not None:
+            self._x.stop_exc = None
+
+    def _failed(self, exc: BaseException) -> None:
+        """running -> failed; the hooks still run before ``_ended``."""
+        self._error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+        if self._started_at is None:
+            self._started_at = _now()
+        self._status = "failed"
+        self._finished_at = _now()
+
+    def _ended(self, status: TaskStatus, now: float) -> None:
+        """The last transition: the task holds no work any more."""
+        if status != "failed" or self._finished_at is None:
+            self._finished_at = now
+        self._status = status
+        self._task = None
+        self._work = None
+
+    def _report_progress(self, done: float, total: float | None, message: str | None) -> None:
+        self._progress = Progress(done=done, total=total, message=message)
+        self._rt._runner.saved(self)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- the record
+    def _to_record(self) -> TaskRecord:
+        """The task's record now: built here and nowhere else."""
+        return TaskRecord.model_construct(
+            id=self._id,
+            name=self._name,
+            status=self._status,
+            created_at=utc(self._created_at),
+            started_at=utc(self._started_at),
+            finished_at=utc(self._finished_at),
+            attempts=self._attempts,
+            error=self._error,
+            result=self._result,
+            progress=self._progress,
+        )
