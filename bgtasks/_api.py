@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, over
 from typing_extensions import ParamSpec
 
 from . import _context
+from ._context import active
 from ._handle import TaskHandle
 from ._limits import Limits
-from ._runtime import Isolation, Kind, Runtime, Spec, _describe, active, is_async_callable
+from ._spec import Isolation, Kind, Spec, is_async_callable
+from ._spec import describe as _describe
 
 if TYPE_CHECKING:
     from ._process import WorkerTask
+    from ._runtime import Runtime
 
 __all__ = ["BackgroundFunction", "CurrentTask", "background", "current_task", "wait_until"]
 

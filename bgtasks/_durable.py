@@ -31,7 +31,7 @@ import typing_extensions
 from ._errors import RegistryFull, StoreError
 from ._handle import TaskHandle
 from ._limits import Limits
-from ._runtime import Spec, is_async_callable
+from ._spec import Spec, is_async_callable
 from ._task import TaskRecord, TaskStatus
 from .stores._journal import JournalEntry
 

@@ -15,6 +15,7 @@ from . import _context, _lifecycle
 from ._admission import Admission
 from ._attempt import ABANDON_AFTER
 from ._config import Backoff, Config, task_limits
+from ._context import active
 from ._direct import abandon, start_direct
 from ._enforce import Deadlines, Watchdog
 from ._errors import BgTasksError, RegistryFull, RuntimeNotActive
@@ -462,20 +463,6 @@ class Runtime:
         if self._state == "new":
             msg = f"Runtime.{what}() needs a started runtime: use `async with rt:` first."
             raise RuntimeNotActive(msg)
-
-
-def active() -> Runtime:
-    """The runtime of the current context, or raise RuntimeNotActive."""
-    rt = _context.active_runtime.get()
-    if rt is None:
-        msg = (
-            "no bgtasks runtime is active here. Install one in your app: "
-            "app.add_middleware(bgtasks.asgi.BackgroundMiddleware) for FastAPI/Starlette, "
-            "bgtasks.flask.BgTasks(app) for Flask, bgtasks.wsgi.BackgroundMiddleware(app) for "
-            "WSGI; or run your code inside `async with bgtasks.Runtime():`."
-        )
-        raise RuntimeNotActive(msg)
-    return rt
 
 
 __all__ += ["BgTasksError", "Isolation", "Kind", "active", "is_async_callable"]
