@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
     from ._spec import Spec
 
-__all__ = ["ABANDON_AFTER", "attempt", "stop_error", "warn_threadsafe"]
+__all__ = [
+    "ABANDON_AFTER",
+    "attempt",
+    "pause_wall",
+    "resume_wall",
+    "stop_error",
+    "warn_threadsafe",
+]
 
 ABANDON_AFTER = 1.0  # seconds a stopped thread gets before it is abandoned
 
@@ -36,6 +43,7 @@ async def attempt(rt: Runtime, t: TaskHandle, spec: Spec) -> Any:
     if limits.wall_clock is not None:
         assert deadlines is not None
         timer.append(deadlines.add(0.9 * limits.wall_clock, _wall_warn, rt, t, limits, timer))
+        ctl_of(t).wall = timer  # a sleeping step pauses it (see pause_wall)
     if limits.cpu_time is not None and spec.kind != "process":
         slot = Slot(
             rt._watchdog,
@@ -67,6 +75,11 @@ async def attempt(rt: Runtime, t: TaskHandle, spec: Spec) -> Any:
     finally:
         if timer:
             deadlines.cancel(timer[0])  # type: ignore[union-attr]
+            x = t._x
+            if x is not None:
+                x.wall = None
+                x.paused = None
+                x.sleepers = 0
         if slot is not None:
             rt._watchdog.unwatch()
             if t._x is not None:
@@ -171,3 +184,31 @@ def warn_threadsafe(rt: Runtime, t: TaskHandle, reason: UnloadReason) -> None:
     if loop is not None:
         with contextlib.suppress(RuntimeError):  # the loop has closed
             loop.call_soon_threadsafe(warn, rt, t, reason)
+
+
+def pause_wall(rt: Runtime, t: TaskHandle) -> None:
+    """A step of ``t`` starts sleeping: time asleep does not count toward ``wall_clock``."""
+    x = t._x
+    if x is None or x.wall is None:
+        return
+    x.sleepers += 1
+    if x.sleepers > 1 or rt._deadlines is None or rt._runner.loop is None:
+        return
+    entry = x.wall[0]
+    if entry[2] is None:
+        return
+    x.paused = (entry[0] - rt._runner.loop.time(), entry[2], entry[3])
+    rt._deadlines.cancel(entry)
+
+
+def resume_wall(rt: Runtime, t: TaskHandle) -> None:
+    """The last sleeping step of ``t`` woke: its wall clock runs on from where it stopped."""
+    x = t._x
+    if x is None or x.wall is None or x.sleepers == 0:
+        return
+    x.sleepers -= 1
+    if x.sleepers or x.paused is None or rt._deadlines is None:
+        return
+    left, callback, args = x.paused
+    x.paused = None
+    x.wall[0] = rt._deadlines.add(max(0.0, left), callback, *args)

@@ -111,6 +111,8 @@ class Runner:
         if persist:  # a shared store: other processes read this record
             self.saved(t)
         try:
+            if type(work) is not _CoroutineType and work.wake_at is not None:
+                await self.delayed(t, work.wake_at)
             if self.sem is not None:
                 async with self.sem:
                     await self.attempts(t, work)
@@ -136,6 +138,16 @@ class Runner:
         except BaseException as exc:  # KeyboardInterrupt, SystemExit from task code
             await self.fail(t, exc)
             raise
+
+    async def delayed(self, t: TaskHandle, wake_at: float) -> None:
+        """A delayed task waits, pending with ``wake_at`` shown, holding no slot."""
+        ctl = ctl_of(t)
+        ctl.wake_at = wake_at
+        self.saved(t)
+        delay = wake_at - _now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ctl.wake_at = None
 
     async def attempts(self, t: TaskHandle, work: Any) -> None:
         spec = Spec("coro", work) if type(work) is _CoroutineType else work

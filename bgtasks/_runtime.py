@@ -302,6 +302,7 @@ class Runtime:
         if (
             spec.kind == "sync"
             and spec.retries == 0
+            and spec.wake_at is None
             and spec.limits.wall_clock is None
             and spec.limits.cpu_time is None
             and runner.sem is None

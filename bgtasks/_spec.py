@@ -31,6 +31,7 @@ class Spec:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     limits: Limits = NO_LIMITS
     retries: int = 0
+    wake_at: float | None = None  # a delayed task starts no earlier (Unix time)
 
 
 def describe(obj: object) -> str:

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._task import ErrorInfo, Progress, TaskRecord, TaskStatus
+from ._task import ErrorInfo, Progress, StepRecord, StepStatus, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     from ._enforce import Slot
     from ._runtime import Runtime
 
-__all__ = ["Ctl", "TaskState", "ctl_of", "utc"]
+__all__ = ["Ctl", "StepState", "TaskState", "ctl_of", "utc"]
 
 _now = time.time
 
@@ -32,11 +32,50 @@ def utc(ts: float | None) -> _dt.datetime | None:
     return None if ts is None else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
 
 
+class StepState:
+    """One step's state (see ``_steps``); its record is built by ``to_record``."""
+
+    __slots__ = ("attempts", "error", "finished_at", "name", "started_at", "status", "wake_at")
+
+    def __init__(self, name: str, status: StepStatus) -> None:
+        self.name = name
+        self.status: StepStatus = status
+        self.attempts = 0
+        self.started_at: float | None = _now()
+        self.finished_at: float | None = None
+        self.error: ErrorInfo | None = None
+        self.wake_at: float | None = None  # a sleep's wake-up time, fixed when first reached
+
+    def to_record(self) -> StepRecord:
+        return StepRecord.model_construct(
+            name=self.name,
+            status=self.status,
+            attempts=self.attempts,
+            started_at=utc(self.started_at),
+            finished_at=utc(self.finished_at),
+            error=self.error,
+        )
+
+
 class Ctl:
     """Per-task control state, created only for tasks that need it (limits,
-    waiters, stops), so the common task stays small."""
+    waiters, stops, steps), so the common task stays small."""
 
-    __slots__ = ("callbacks", "claimed", "observed", "slot", "stop_exc")
+    __slots__ = (
+        "callbacks",
+        "claimed",
+        "counts",
+        "durable",
+        "kept",
+        "observed",
+        "paused",
+        "sleepers",
+        "slot",
+        "steps",
+        "stop_exc",
+        "wake_at",
+        "wall",
+    )
 
     def __init__(self) -> None:
         self.slot: Slot | None = None
@@ -44,6 +83,16 @@ class Ctl:
         self.callbacks: list[Callable[[], None]] = []  # run once the task has finished
         self.claimed = False  # a direct task's ending is being recorded
         self.observed: Any = None  # the ObservedTask, when observers are registered
+        self.durable = False  # journaled: kept steps live in the store
+        # Steps, in the order they first ran; kept results by step name (the
+        # task's life); calls of each name in this run (reset per attempt).
+        self.steps: dict[str, StepState] = {}
+        self.kept: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.wake_at: float | None = None  # pending until then (a delay or a sleep)
+        self.wall: list[list[Any]] | None = None  # the attempt's wall-clock deadline entry
+        self.paused: tuple[float, Any, tuple[Any, ...]] | None = None  # wall clock asleep
+        self.sleepers = 0  # steps sleeping now (parallel sleeps pause the clock once)
 
 
 def ctl_of(t: TaskState) -> Ctl:
@@ -96,8 +145,10 @@ class TaskState:
         self._status = "running"
         self._attempts += 1
         self._started_at = _now()
-        if self._x is not None:
-            self._x.stop_exc = None
+        x = self._x
+        if x is not None:
+            x.stop_exc = None
+            x.counts = {}
 
     def _failed(self, exc: BaseException) -> None:
         """running -> failed; the hooks still run before ``_ended``."""
@@ -122,6 +173,22 @@ class TaskState:
     # ---------------------------------------------------------------- the record
     def _to_record(self) -> TaskRecord:
         """The task's record now: built here and nowhere else."""
+        x = self._x
+        if x is not None and (x.steps or x.wake_at is not None):
+            return TaskRecord.model_construct(
+                id=self._id,
+                name=self._name,
+                status=self._status,
+                created_at=utc(self._created_at),
+                started_at=utc(self._started_at),
+                finished_at=utc(self._finished_at),
+                attempts=self._attempts,
+                error=self._error,
+                result=self._result,
+                progress=self._progress,
+                steps=[st.to_record() for st in tuple(x.steps.values())],
+                wake_at=utc(x.wake_at),
+            )
         return TaskRecord.model_construct(
             id=self._id,
             name=self._name,

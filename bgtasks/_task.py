@@ -11,7 +11,7 @@ import pydantic
 if TYPE_CHECKING:
     pass
 
-__all__ = ["ErrorInfo", "Progress", "TaskRecord", "TaskStatus"]
+__all__ = ["ErrorInfo", "Progress", "StepRecord", "StepStatus", "TaskRecord", "TaskStatus"]
 
 TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -41,6 +41,22 @@ class Progress(pydantic.BaseModel):
     message: str | None = None
 
 
+StepStatus = Literal["running", "succeeded", "failed", "sleeping"]
+
+
+class StepRecord(pydantic.BaseModel):
+    """One step of a task (``bgtasks.step.run`` / ``step.sleep``), as its record shows it."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    name: str
+    status: StepStatus
+    attempts: int = 0
+    started_at: _dt.datetime | None = None
+    finished_at: _dt.datetime | None = None
+    error: ErrorInfo | None = None
+
+
 class TaskRecord(pydantic.BaseModel):
     """A snapshot of one task: the JSON the status route returns."""
 
@@ -56,6 +72,8 @@ class TaskRecord(pydantic.BaseModel):
     error: ErrorInfo | None = None
     result: pydantic.JsonValue = None
     progress: Progress | None = None
+    steps: list[StepRecord] = pydantic.Field(default_factory=list)
+    wake_at: _dt.datetime | None = None
 
     @property
     def finished(self) -> bool:
