@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import _context
 from ._attempt import ABANDON_AFTER
 from ._enforce import Interrupt, Slot
-from ._state import ctl_of
+from ._state import ctl_of, jsonable
 from ._task import FINISHED
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ def _direct(rt: Runtime, t: TaskHandle, spec: Spec, slot: Slot, ctx: contextvars
     if not _claim(rt, t):  # abandoned meanwhile (see abandon)
         return
     if ok and not inspect.isawaitable(value):
-        from ._runner import jsonable
-
         t._result = jsonable(t, value)
         runner.finish(t, "succeeded")
     elif ok:  # a sync callable that returned a coroutine: the loop awaits it

@@ -19,23 +19,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import stamina
-from pydantic_core import to_jsonable_python
 
 from . import _context
-from ._attempt import attempt, stop_error
+from ._attempt import ABANDON_AFTER, attempt, stop_error
+from ._direct import abandon
 from ._enforce import Interrupt
 from ._errors import LimitExceeded
 from ._hooks import UnhandledRejectionEvent, dispatch
 from ._observe import ObservedTask, safely
 from ._spec import Spec
-from ._state import ctl_of
+from ._state import ctl_of, jsonable
 from ._task import FINISHED, TaskStatus
 
 if TYPE_CHECKING:
     from ._handle import TaskHandle
     from ._runtime import Runtime
 
-__all__ = ["Runner", "retryable"]
+__all__ = ["Runner", "Ticket", "retryable"]
 
 logger = logging.getLogger("bgtasks")
 
@@ -52,6 +52,27 @@ def retryable(exc: BaseException) -> bool:
     # Cancellation is not a failure, and a task that went over a limit would
     # only go over it again.
     return isinstance(exc, Exception) and not isinstance(exc, LimitExceeded)
+
+
+class Ticket:
+    """A place reserved for one task (``Runtime.reserve``): ``launch()`` it, or
+    ``retract()`` it if the task will not run (a failed journal write, a taken
+    idempotency key). Use it on the thread that reserved it."""
+
+    __slots__ = ("_on_loop", "_rt", "handle")
+
+    def __init__(self, rt: Runtime, handle: TaskHandle, on_loop: bool) -> None:
+        self._rt = rt
+        self._on_loop = on_loop
+        self.handle = handle
+
+    def launch(self) -> TaskHandle:
+        self._rt._runner.launch(self.handle)
+        return self.handle
+
+    def retract(self) -> None:
+        self._rt._registry.discard(self.handle._id)
+        self._rt._admission.retract(self._on_loop)
 
 
 class Runner:
@@ -319,6 +340,27 @@ class Runner:
             ctl.callbacks.remove(cb)
 
     # ---------------------------------------------------------------- stopping
+    def stop(self, t: TaskHandle, error: BaseException | None) -> None:
+        """Stop ``t`` from any thread: it fails with ``error``, or is cancelled (None)."""
+        loop = self.loop
+        if loop is not None and _get_ident() != self.loop_thread_id:
+            loop.call_soon_threadsafe(self.stop, t, error)
+            return
+        ctl = ctl_of(t)
+        ctl.stop_exc = error
+        with self.rt._watchdog.lock:  # the lock a direct task starts under (see _direct)
+            slot = ctl.slot
+            if slot is not None and slot.interrupt_locked():
+                if t._task is None and loop is not None:
+                    # A direct task blocked in a system call sees the interrupt only
+                    # when the call returns: give it a moment, then let it go.
+                    loop.call_later(ABANDON_AFTER, abandon, self.rt, t)
+            elif t._task is None and t._status == "pending":
+                # Not started (admitted from another thread): it will not start.
+                t._status = "cancelled"
+        if t._task is not None:
+            self.cancel_task(t, t._task)
+
     def cancel_task(self, t: TaskHandle, task: asyncio.Task[None]) -> None:
         task.cancel()
         # A task cancelled before its first step never runs ``run`` at all: account
@@ -335,20 +377,3 @@ class Runner:
         if type(work) is _CoroutineType:
             work.close()  # it never ran: no "never awaited" warning
         self.finish(t, "cancelled")
-
-
-def jsonable(t: TaskHandle, result: Any) -> Any:
-    """``result`` as a JSON value for the record (None, logged, if it cannot be)."""
-    if result is None:
-        return None
-    try:
-        return to_jsonable_python(result)
-    except Exception:
-        logger.warning(
-            "bgtasks: the result of task %s (%s) is not JSON-serialisable "
-            "(%s); its record keeps result=null",
-            t._id,
-            t._name,
-            type(result).__name__,
-        )
-        return None

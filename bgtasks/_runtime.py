@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from . import _context, _lifecycle
 from ._admission import Admission
-from ._attempt import ABANDON_AFTER
 from ._config import Backoff, Config, task_limits
 from ._context import active
-from ._direct import abandon, start_direct
+from ._direct import start_direct
 from ._enforce import Deadlines, Watchdog
 from ._errors import BgTasksError, RegistryFull, RuntimeNotActive
 from ._handle import TaskHandle
@@ -25,9 +24,8 @@ from ._ids import new_id
 from ._limits import NO_LIMITS, Limits
 from ._observe import Observer, safely
 from ._registry import Registry
-from ._runner import Runner
+from ._runner import Runner, Ticket
 from ._spec import Isolation, Kind, Spec, await_, describe, is_async_callable, not_work_error
-from ._state import ctl_of
 from ._task import FINISHED, TaskRecord
 from ._threads import ThreadPool
 
@@ -43,27 +41,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _CoroutineType = types.CoroutineType
 _get_ident = threading.get_ident
 _describe = describe  # older import name
-
-
-class Ticket:
-    """A place reserved for one task (``Runtime.reserve``): ``launch()`` it, or
-    ``retract()`` it if the task will not run (a failed journal write, a taken
-    idempotency key). Use it on the thread that reserved it."""
-
-    __slots__ = ("_on_loop", "_rt", "handle")
-
-    def __init__(self, rt: Runtime, handle: TaskHandle, on_loop: bool) -> None:
-        self._rt = rt
-        self._on_loop = on_loop
-        self.handle = handle
-
-    def launch(self) -> TaskHandle:
-        self._rt._runner.launch(self.handle)
-        return self.handle
-
-    def retract(self) -> None:
-        self._rt._registry.discard(self.handle._id)
-        self._rt._admission.retract(self._on_loop)
 
 
 class Runtime:
@@ -392,25 +369,7 @@ class Runtime:
         return True
 
     def _stop(self, t: TaskHandle, error: BaseException | None) -> None:
-        runner = self._runner
-        loop = runner.loop
-        if loop is not None and _get_ident() != runner.loop_thread_id:
-            loop.call_soon_threadsafe(self._stop, t, error)
-            return
-        ctl = ctl_of(t)
-        ctl.stop_exc = error
-        with self._watchdog.lock:  # the lock a direct task starts under (see _direct)
-            slot = ctl.slot
-            if slot is not None and slot.interrupt_locked():
-                if t._task is None and loop is not None:
-                    # A direct task blocked in a system call sees the interrupt only
-                    # when the call returns: give it a moment, then let it go.
-                    loop.call_later(ABANDON_AFTER, abandon, self, t)
-            elif t._task is None and t._status == "pending":
-                # Not started (admitted from another thread): it will not start.
-                t._status = "cancelled"
-        if t._task is not None:
-            runner.cancel_task(t, t._task)
+        self._runner.stop(t, error)
 
     # ------------------------------------------------------------------ queries
     def get(self, task_id: str) -> TaskRecord | None:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from pydantic_core import to_jsonable_python
 
 from ._task import ErrorInfo, Progress, StepRecord, StepStatus, TaskRecord, TaskStatus
 
@@ -22,9 +25,10 @@ if TYPE_CHECKING:
     from ._enforce import Slot
     from ._runtime import Runtime
 
-__all__ = ["Ctl", "StepState", "TaskState", "ctl_of", "utc"]
+__all__ = ["Ctl", "StepState", "TaskState", "ctl_of", "jsonable", "utc"]
 
 _now = time.time
+logger = logging.getLogger("bgtasks")
 
 
 def utc(ts: float | None) -> _dt.datetime | None:
@@ -201,3 +205,20 @@ class TaskState:
             result=self._result,
             progress=self._progress,
         )
+
+
+def jsonable(t: TaskState, result: Any) -> Any:
+    """``result`` as a JSON value for the record (None, logged, if it cannot be)."""
+    if result is None:
+        return None
+    try:
+        return to_jsonable_python(result)
+    except Exception:
+        logger.warning(
+            "bgtasks: the result of task %s (%s) is not JSON-serialisable "
+            "(%s); its record keeps result=null",
+            t._id,
+            t._name,
+            type(result).__name__,
+        )
+        return None
