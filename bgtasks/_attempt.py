@@ -37,12 +37,16 @@ async def attempt(rt: Runtime, t: TaskHandle, spec: Spec) -> Any:
     """Run ``spec`` once for ``t`` and return its result; raise what stopped it."""
     limits = spec.limits
     # One deadline at a time: the 90% warning, which then sets the limit.
-    timer: list[list[Any]] = []
+    # timer[0]: the deadline entry now armed; timer[1]: the absolute deadline
+    # (loop time), which a sleeping step moves on by the time it slept.
+    timer: list[Any] = []
     slot: Slot | None = None
     deadlines = rt._deadlines
     if limits.wall_clock is not None:
         assert deadlines is not None
-        timer.append(deadlines.add(0.9 * limits.wall_clock, _wall_warn, rt, t, limits, timer))
+        wall = limits.wall_clock
+        timer.append(deadlines.add(0.9 * wall, _wall_warn, rt, t, limits, timer))
+        timer.append(rt._runner.loop.time() + wall)  # type: ignore[union-attr]
         ctl_of(t).wall = timer  # a sleeping step pauses it (see pause_wall)
     if limits.cpu_time is not None and spec.kind != "process":
         slot = Slot(
@@ -165,12 +169,14 @@ async def _in_process(rt: Runtime, t: TaskHandle, spec: Spec) -> Any:
     )
 
 
-def _wall_warn(rt: Runtime, t: TaskHandle, limits: Limits, timer: list[list[Any]]) -> None:
+def _wall_warn(rt: Runtime, t: TaskHandle, limits: Limits, timer: list[Any]) -> None:
     warn(rt, t, "wall_clock")
     assert rt._deadlines is not None and limits.wall_clock is not None
     wall = limits.wall_clock
     error = WallClockLimitExceeded(f"task {t._name!r} ran past its wall-clock limit of {wall:g}s")
-    timer[0] = rt._deadlines.add(0.1 * wall, rt._stop, t, error)
+    # The stop is due at start + budget, however late this warning ran (a blocked loop).
+    left = max(0.0, timer[1] - rt._runner.loop.time())  # type: ignore[union-attr]
+    timer[0] = rt._deadlines.add(left, rt._stop, t, error)
 
 
 def warn(rt: Runtime, t: TaskHandle, reason: UnloadReason) -> None:
@@ -197,7 +203,8 @@ def pause_wall(rt: Runtime, t: TaskHandle) -> None:
     entry = x.wall[0]
     if entry[2] is None:
         return
-    x.paused = (entry[0] - rt._runner.loop.time(), entry[2], entry[3])
+    now = rt._runner.loop.time()
+    x.paused = (now, entry[0] - now, entry[2], entry[3])
     rt._deadlines.cancel(entry)
 
 
@@ -209,6 +216,8 @@ def resume_wall(rt: Runtime, t: TaskHandle) -> None:
     x.sleepers -= 1
     if x.sleepers or x.paused is None or rt._deadlines is None:
         return
-    left, callback, args = x.paused
+    since, left, callback, args = x.paused
     x.paused = None
+    assert rt._runner.loop is not None
+    x.wall[1] += rt._runner.loop.time() - since  # the deadline moves on by the time slept
     x.wall[0] = rt._deadlines.add(max(0.0, left), callback, *args)

@@ -47,6 +47,8 @@ class Config:
     process_pool_size: int | None
     process_max_tasks: int | None
     process_idle_timeout: float
+    max_result_bytes: int | None = 1 << 20
+    loop_block_warning: float | None = 1.0
 
     @classmethod
     def check(
@@ -65,6 +67,8 @@ class Config:
         process_pool_size: Any,
         process_max_tasks: Any,
         process_idle_timeout: Any,
+        max_result_bytes: Any = 1 << 20,
+        loop_block_warning: Any = 1.0,
     ) -> Config:
         """Validate Runtime's keyword arguments; raise with the fix in the message."""
         if limits is not None and not isinstance(limits, Limits):
@@ -84,6 +88,7 @@ class Config:
             (max_finished, "max_finished"),
             (process_pool_size, "process_pool_size"),
             (process_max_tasks, "process_max_tasks"),
+            (max_result_bytes, "max_result_bytes"),
         ):
             _positive_int_or_none(value, what)
         if (
@@ -104,6 +109,16 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 msg = f"{what} must be a number of seconds >= 0, got {value!r}."
                 raise ValueError(msg)
+        if loop_block_warning is not None and (
+            isinstance(loop_block_warning, bool)
+            or not isinstance(loop_block_warning, (int, float))
+            or not loop_block_warning > 0
+        ):
+            msg = (
+                "loop_block_warning must be a number of seconds > 0, or None to turn the "
+                f"warning off, got {loop_block_warning!r}."
+            )
+            raise ValueError(msg)
         if backoff is not None and not isinstance(backoff, Backoff):
             msg = f"backoff must be a bgtasks.Backoff, got {type(backoff).__name__}."
             raise TypeError(msg)
@@ -121,6 +136,8 @@ class Config:
             process_pool_size=process_pool_size,
             process_max_tasks=process_max_tasks,
             process_idle_timeout=float(process_idle_timeout),
+            max_result_bytes=max_result_bytes,
+            loop_block_warning=None if loop_block_warning is None else float(loop_block_warning),
         )
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._enforce import Deadlines
 from ._hooks import BeforeUnloadEvent, dispatch
-from ._monitors import memory_loop, sweep_loop
+from ._monitors import LoopWatch, memory_loop, sweep_loop
 from ._task import FINISHED
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ async def start(rt: Runtime) -> None:
         rt._side(sweep_loop(rt))
         if rt.memory_limit is not None:
             rt._side(memory_loop(rt))
+        if rt.config.loop_block_warning is not None:
+            rt._loop_watch = LoopWatch(rt, rt.config.loop_block_warning)
+            rt._loop_watch.start(loop)
         await rt.store.started(rt)
     except BaseException:
         rt._state = "closing"
@@ -93,6 +96,8 @@ async def _close(rt: Runtime, *, store_open: bool = True) -> None:
         if rt._side_tasks:
             await asyncio.wait(tuple(rt._side_tasks), timeout=5.0)
     finally:
+        if rt._loop_watch is not None:
+            rt._loop_watch.close()
         rt._watchdog.close()
         if rt._deadlines is not None:
             rt._deadlines.close()

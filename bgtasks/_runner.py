@@ -154,11 +154,10 @@ class Runner:
                 self.finish(t, "cancelled")
         except Interrupt:
             await self.fail(t, stop_error(t, None))
-        except Exception as exc:
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt raised by task code ends that task,
+            # not the server: re-raised here it would stop the event loop.
             await self.fail(t, exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit from task code
-            await self.fail(t, exc)
-            raise
 
     async def delayed(self, t: TaskHandle, wake_at: float) -> None:
         """A delayed task waits, pending with ``wake_at`` shown, holding no slot."""

@@ -67,6 +67,8 @@ class Runtime:
         process_pool_size: int | None = None,
         process_max_tasks: int | None = 100,
         process_idle_timeout: float = 60.0,
+        max_result_bytes: int | None = 1 << 20,
+        loop_block_warning: float | None = 1.0,
     ) -> None:
         cfg = Config.check(
             limits=limits,
@@ -82,6 +84,8 @@ class Runtime:
             process_pool_size=process_pool_size,
             process_max_tasks=process_max_tasks,
             process_idle_timeout=process_idle_timeout,
+            max_result_bytes=max_result_bytes,
+            loop_block_warning=loop_block_warning,
         )
         self.config = cfg
         self.limits = cfg.limits
@@ -97,6 +101,7 @@ class Runtime:
         self.process_pool_size = cfg.process_pool_size
         self.process_max_tasks = cfg.process_max_tasks
         self.process_idle_timeout = cfg.process_idle_timeout
+        self.max_result_bytes = cfg.max_result_bytes
         self._store_arg = store
         from .stores import open_store
 
@@ -115,6 +120,7 @@ class Runtime:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._token: contextvars.Token[Runtime | None] | None = None
         self._process_pool: Any = None
+        self._loop_watch: Any = None
 
     def __repr__(self) -> str:
         unfinished = self._admission.unfinished + self._admission.foreign

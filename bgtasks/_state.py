@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pydantic_core import to_jsonable_python
+from pydantic_core import to_json, to_jsonable_python
 
 from ._task import ErrorInfo, Progress, StepRecord, StepStatus, TaskRecord, TaskStatus
 
@@ -94,8 +94,9 @@ class Ctl:
         self.kept: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.wake_at: float | None = None  # pending until then (a delay or a sleep)
-        self.wall: list[list[Any]] | None = None  # the attempt's wall-clock deadline entry
-        self.paused: tuple[float, Any, tuple[Any, ...]] | None = None  # wall clock asleep
+        self.wall: list[Any] | None = None  # the attempt's wall-clock deadline (see _attempt)
+        # while asleep: (since, seconds left on the armed deadline, its callback, args)
+        self.paused: tuple[float, float, Any, tuple[Any, ...]] | None = None
         self.sleepers = 0  # steps sleeping now (parallel sleeps pause the clock once)
 
 
@@ -212,7 +213,21 @@ def jsonable(t: TaskState, result: Any) -> Any:
     if result is None:
         return None
     try:
-        return to_jsonable_python(result)
+        value = to_jsonable_python(result)
+        limit = t._rt.max_result_bytes
+        if limit is not None:
+            size = len(to_json(value))
+            if size > limit:
+                logger.warning(
+                    "bgtasks: the result of task %s (%s) is %d bytes of JSON, over "
+                    "max_result_bytes=%d; its record keeps result=null",
+                    t._id,
+                    t._name,
+                    size,
+                    limit,
+                )
+                return None
+        return value
     except Exception:
         logger.warning(
             "bgtasks: the result of task %s (%s) is not JSON-serialisable "
