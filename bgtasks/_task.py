@@ -230,7 +230,9 @@ class TaskHandle:
 
     def _report_progress(self, done: float, total: float | None, message: str | None) -> None:
         self._progress = Progress(done=done, total=total, message=message)
-        self._rt.store.save(self)
+        rt = self._rt
+        if rt._persist:
+            rt.store.save(self._snapshot())
 
     def cancel(self) -> bool:
         """Cancel the task; False if it had already finished."""

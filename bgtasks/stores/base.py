@@ -179,12 +179,14 @@ class Store(Protocol):
     #: then saves every transition, replays claims and polls cancel requests).
     durable: bool
 
-    #: Seconds a caller waits for ``journal`` before refusing the call.
-    journal_timeout: float
+    @property
+    def journal_timeout(self) -> float:
+        """Seconds a caller waits for ``journal`` before refusing the call."""
 
-    #: Seconds between two looks for claimable work and for cancel requests
-    #: (the runtime looks for cancel requests at least every second).
-    poll: float
+    @property
+    def poll(self) -> float:
+        """Seconds between two looks for claimable work (the runtime looks for
+        cancel requests every second, or every ``poll`` if shorter)."""
 
     async def open(self) -> None:
         """Before the runtime accepts work: open files, check or migrate the
