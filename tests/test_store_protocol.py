@@ -252,3 +252,18 @@ async def test_claim_release_park_and_cancel(store: Store, tmp_path: Path) -> No
         assert other.request_cancel("nobody") is False
     finally:
         await other.close()
+
+
+def test_an_incomplete_store_is_refused_naming_what_it_lacks() -> None:
+    from bgtasks.stores import open_store
+
+    class Partial(MemoryStore):
+        pass
+
+    partial: Any = object.__new__(type("Partial", (), dict(vars(MemoryStore))))
+    del type(partial).keep_step, type(partial).kept_steps
+    with pytest.raises(TypeError, match="missing keep_step, kept_steps of the Store protocol"):
+        open_store(partial)
+    assert isinstance(open_store(Partial()), Partial)
+    with pytest.raises(TypeError, match="must be 'memory'"):
+        open_store(3)

@@ -11,6 +11,11 @@ Threads: ``save``, ``expire``, ``forget`` and the methods that return a
 block it (queue the I/O and resolve the future later). ``load``, ``list``,
 ``stats`` and ``request_cancel`` may block for a short read: the runtime calls
 them from worker threads when the store is not the memory store.
+
+Errors: a store that cannot do what is asked raises ``bgtasks.StoreError``
+(or fails the future with it), with a message that names the cause and the
+fix; it may name files and hosts, so it goes to the log, never into a
+response body.
 """
 
 from __future__ import annotations
