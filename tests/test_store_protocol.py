@@ -25,6 +25,8 @@ from bgtasks.stores.base import (
     Page,
     decode_cursor,
     encode_cursor,
+    page_of,
+    stats_of,
 )
 from bgtasks.stores.sqlite import SQLiteStore
 
@@ -125,17 +127,33 @@ async def test_save_then_load(store: Store) -> None:
     assert store.load("missing") is None
 
 
+class _InMemory:
+    """What a runtime over the memory store answers: its registry, listed."""
+
+    def __init__(self, snapshots: list[TaskSnapshot]) -> None:
+        self.snapshots = snapshots
+
+    def list(self, query: ListQuery) -> Page:
+        return page_of(self.snapshots, query)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return stats_of(self.snapshots)
+
+
 async def test_listing_newest_first_each_record_once(store: Store) -> None:
     now = time.time()
     statuses = ("succeeded", "failed", "running")
+    saved = []
     for i in range(23):
         # Two records per creation time: the id breaks the tie.
-        store.save(snap(f"t{i:02d}", now + i // 2, name=f"n{i % 2}", status=statuses[i % 3]))
+        s = snap(f"t{i:02d}", now + i // 2, name=f"n{i % 2}", status=statuses[i % 3], result=i)
+        store.save(s)
+        saved.append(s)
     await flush(store)
     if not store.durable:
         assert store.list(ListQuery()) == Page(items=[], next_cursor=None)
         assert store.stats() == {"by_status": {}, "by_name": {}}
-        return
+        store = _InMemory(saved)  # type: ignore[assignment]
     seen: list[str] = []
     cursor = None
     while True:
