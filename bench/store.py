@@ -6,6 +6,9 @@
   straight into a SQLite file, then the median time of ``Store.list`` for a
   page of 50: the first page, a page deep in the list (by its cursor), one
   status, one rare status, two statuses, one name; and ``Store.stats()``.
+- Claims: the time of one ``Store.claim`` (a look for work to run again, made
+  every ``poll`` seconds under the write lock) with ``--parked`` parked tasks
+  waiting for their ``wake_at``, among the records above.
 - Kept steps: ``--concurrency`` coroutines each awaiting ``Store.keep_step``
   in turn (as 16 durable tasks running steps would), until ``--steps``
   commits; committed steps per second.
@@ -98,6 +101,29 @@ async def listing(path: str, records: int) -> None:
         await store.close()
 
 
+async def claims(path: str, parked: int) -> None:
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executemany(
+            "INSERT INTO tasks (id, name, status, created_at, owner, updated_at, durable, "
+            "target, payload, options, wake_at) VALUES (?, 'job', 'pending', ?, NULL, ?, 1, "
+            "'m:f', '{}', '{}', ?)",
+            [(f"parked-{i}", now - i, now, now + 3600) for i in range(parked)],
+        )
+        conn.commit()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            assert await asyncio.wrap_future(store.claim(100)) == []
+            times.append(time.perf_counter() - t0)
+        print(f"claim with {parked:,} parked tasks: {statistics.median(times) * 1000:.2f} ms")
+    finally:
+        await store.close()
+
+
 async def steps(path: str, total: int, concurrency: int) -> None:
     store = SQLiteStore(path)
     await store.open()
@@ -124,6 +150,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--parked", type=int, default=10_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "list.db")
@@ -131,6 +158,7 @@ def main() -> None:
         fill(path, args.records)
         print(f"wrote {args.records:,} records in {time.perf_counter() - t0:.1f}s")
         asyncio.run(listing(path, args.records))
+        asyncio.run(claims(path, args.parked))
         asyncio.run(steps(os.path.join(tmp, "steps.db"), args.steps, args.concurrency))
 
 
