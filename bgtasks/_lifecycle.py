@@ -33,7 +33,7 @@ async def start(rt: Runtime) -> None:
     rt._deadlines = Deadlines(loop)
     opened = False
     try:
-        await rt.store.open(rt)
+        await rt.store.open()
         opened = True
         rt._state = "started"
         rt._side(sweep_loop(rt))
@@ -42,7 +42,12 @@ async def start(rt: Runtime) -> None:
         if rt.config.loop_block_warning is not None:
             rt._loop_watch = LoopWatch(rt, rt.config.loop_block_warning)
             rt._loop_watch.start(loop)
-        await rt.store.started(rt)
+        if rt.store.durable:
+            from ._durable.replay import Replay
+
+            replay = Replay(rt, rt.store)
+            await replay.start()  # runs what the journal holds; raises having started nothing
+            rt._replay = replay
     except BaseException:
         rt._state = "closing"
         await _close(rt, store_open=opened)
@@ -79,7 +84,10 @@ async def shutdown(rt: Runtime) -> None:
                 grace,
                 "cancelling them" if not rt.store.durable else "stopping them",
             )
-            await rt.store.before_cancel(rt, [t for t in leftover if t._status not in FINISHED])
+            if rt.store.durable:
+                from ._durable.replay import release
+
+                await release(rt.store, [t._id for t in leftover if t._status not in FINISHED])
             for t in leftover:
                 rt._stop(t, None)
             # Cancelled coroutines finish at once; a thread stuck in a system call is
@@ -103,8 +111,11 @@ async def _close(rt: Runtime, *, store_open: bool = True) -> None:
             rt._deadlines.close()
         if rt._process_pool is not None:
             await rt._process_pool.aclose()
+        if rt._replay is not None:
+            await rt._replay.stop()
+            rt._replay = None
         if store_open:
-            await rt.store.close(rt)
+            await rt.store.close()
         rt._state = "closed"
 
 

@@ -28,7 +28,7 @@ from ._errors import LimitExceeded
 from ._hooks import UnhandledRejectionEvent, dispatch
 from ._observe import ObservedTask, safely
 from ._spec import Spec
-from ._state import ctl_of, jsonable
+from ._state import TaskState, ctl_of, jsonable
 from ._task import FINISHED, TaskStatus
 
 if TYPE_CHECKING:
@@ -66,6 +66,10 @@ class Ticket:
         self._on_loop = on_loop
         self.handle = handle
 
+    @property
+    def on_loop(self) -> bool:
+        return self._on_loop
+
     def launch(self) -> TaskHandle:
         self._rt._runner.launch(self.handle)
         return self.handle
@@ -99,9 +103,10 @@ class Runner:
     def on_loop_thread(self) -> bool:
         return _get_ident() == self.loop_thread_id
 
-    def saved(self, t: TaskHandle) -> None:
-        """Record a transition of ``t`` in the store."""
-        self.rt.store.save(t)
+    def saved(self, t: TaskState) -> None:
+        """Record a transition of ``t`` in a shared store (a snapshot, never the handle)."""
+        if self.persist:
+            self.rt.store.save(t._snapshot())
 
     # ---------------------------------------------------------------- starting
     def launch(self, t: TaskHandle) -> None:
@@ -130,7 +135,7 @@ class Runner:
         work = t._work
         persist = self.persist
         if persist:  # a shared store: other processes read this record
-            self.saved(t)
+            self.rt.store.save(t._snapshot())
         try:
             if type(work) is not _CoroutineType and work.wake_at is not None:
                 await self.delayed(t, work.wake_at)
@@ -286,7 +291,7 @@ class Runner:
                     callbacks, ctl.callbacks = ctl.callbacks, []
                 wake = admission.done_foreign_locked()
         if status != "failed" and self.persist:
-            self.saved(t)
+            self.rt.store.save(t._snapshot())
         self.registry.finished(t)
         observers = self.rt._observers
         if observers:

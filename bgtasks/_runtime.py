@@ -121,6 +121,7 @@ class Runtime:
         self._token: contextvars.Token[Runtime | None] | None = None
         self._process_pool: Any = None
         self._loop_watch: Any = None
+        self._replay: Any = None  # bgtasks._durable.replay.Replay, on a durable store
 
     def __repr__(self) -> str:
         unfinished = self._admission.unfinished + self._admission.foreign
@@ -338,17 +339,13 @@ class Runtime:
         for o in self._observers:
             safely(o, "rejected", name, reason)
 
-    # Older private names, used by the durable part.
-    def _launch(self, t: TaskHandle) -> None:
-        self._runner.launch(t)
-
-    def _retract(self, t: TaskHandle) -> None:
-        self._registry.discard(t._id)
-        self._admission.retract(_get_ident() == self._runner.loop_thread_id)
-
     @property
     def _unfinished(self) -> int:
         return self._admission.unfinished
+
+    @property
+    def _persist(self) -> bool:
+        return self._runner.persist
 
     # ------------------------------------------------------------------ stopping
     def cancel(self, task_id: str) -> bool:
@@ -401,7 +398,7 @@ class Runtime:
 
         cutoff = time.time() - self.retention
         n = self._registry.expire(cutoff)
-        self.store.expire(self, cutoff)
+        self.store.expire(cutoff)
         return n
 
     # ------------------------------------------------------------------ decorators

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_json, to_jsonable_python
 
-from ._task import ErrorInfo, Progress, StepRecord, StepStatus, TaskRecord, TaskStatus
+from ._task import (
+    ErrorInfo,
+    Progress,
+    StepRecord,
+    StepStatus,
+    TaskRecord,
+    TaskSnapshot,
+    TaskStatus,
+)
 
 if TYPE_CHECKING:
     from ._enforce import Slot
@@ -173,7 +181,31 @@ class TaskState:
 
     def _report_progress(self, done: float, total: float | None, message: str | None) -> None:
         self._progress = Progress(done=done, total=total, message=message)
-        self._rt._runner.saved(self)  # type: ignore[arg-type]
+        self._rt._runner.saved(self)
+
+    def _snapshot(self) -> TaskSnapshot:
+        """The immutable state a store receives (never the live state)."""
+        x = self._x
+        steps: tuple[StepRecord, ...] = ()
+        wake_at = None
+        if x is not None:
+            if x.steps:
+                steps = tuple(st.to_record() for st in tuple(x.steps.values()))
+            wake_at = x.wake_at
+        return TaskSnapshot(
+            id=self._id,
+            name=self._name,
+            status=self._status,
+            created_at=self._created_at,
+            started_at=self._started_at,
+            finished_at=self._finished_at,
+            attempts=self._attempts,
+            error=self._error,
+            result=self._result,
+            progress=self._progress,
+            wake_at=wake_at,
+            steps=steps,
+        )
 
     # ---------------------------------------------------------------- the record
     def _to_record(self) -> TaskRecord:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,12 +83,12 @@ async def test_a_failing_expiry_is_logged_and_the_sweep_goes_on(
     async with Runtime(retention=0.2) as rt:
         real = rt.store.expire
 
-        def flaky(runtime: object, cutoff: float) -> None:
+        def flaky(cutoff: float) -> None:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise KeyError("boom")
-            real(runtime, cutoff)  # type: ignore[arg-type]
+            real(cutoff)
 
         monkeypatch.setattr(rt.store, "expire", flaky)
         for _ in range(200):
@@ -97,18 +99,23 @@ async def test_a_failing_expiry_is_logged_and_the_sweep_goes_on(
     assert any("expiring finished records failed" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_start_that_fails_leaves_nothing_running() -> None:
-    rt = Runtime()
+async def test_a_start_that_fails_leaves_nothing_running(tmp_path: Path) -> None:
+    threads = set(threading.enumerate())
+    rt = Runtime(store=f"sqlite:///{tmp_path}/t.db")
 
-    async def broken(runtime: object) -> None:
+    def broken(limit: int) -> object:
         raise OSError("disk gone")
 
-    rt.store.started = broken  # type: ignore[method-assign]
+    rt.store.claim = broken  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk gone"):
         await rt.start()
-    assert not rt._side_tasks or all(t.done() for t in rt._side_tasks)
+    assert all(t.done() for t in rt._side_tasks)
     assert rt._state == "closed"
-    await asyncio.sleep(0)
+    for _ in range(100):  # the store's writer thread ends
+        if set(threading.enumerate()) <= threads:
+            break
+        await asyncio.sleep(0.02)
+    assert set(threading.enumerate()) <= threads
 
 
 async def test_results_over_max_result_bytes_are_not_kept(caplog: pytest.LogCaptureFixture) -> None:
