@@ -57,7 +57,8 @@ async def test_a_version_1_file_is_migrated_and_its_rows_still_work(tmp_path: Pa
         page = rt.store.list(ListQuery(limit=1))
         assert [r.id for r in page.items] == ["queued"] and page.next_cursor is not None
     names = {row[1] for row in query(db, "PRAGMA index_list(tasks)")}
-    assert {"tasks_newest", "tasks_status_newest", "tasks_name_newest"} <= names
+    assert {"tasks_newest", "tasks_status_newest", "tasks_name_newest", "tasks_open_owner"} <= names
+    assert "tasks_open" not in names  # replaced by tasks_open_owner
 
 
 async def test_a_malformed_journal_row_fails_alone(
