@@ -37,6 +37,7 @@ import enum
 import functools
 import inspect
 import io
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -56,7 +57,7 @@ from ._runtime import Runtime, is_async_callable
 from .wsgi import BackgroundMiddleware, call_authorize
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from ._task import TaskHandle, TaskRecord
 
@@ -159,30 +160,13 @@ class BgTasks:
             authorize=self._authorize,
             include_result=self._include_result,
         )
-        middleware = _FlaskMiddleware(app.wsgi_app, runtime=runtime, routes=routes)
+        middleware = _FlaskMiddleware(app, runtime=runtime, routes=routes, serves=serves)
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves)
         if self._runtime is None:
             # The app's own runtime: when the app is dropped (an app factory in a
             # test suite), its runtime drains and its loop thread and descriptors go.
             weakref.finalize(app, middleware._host.release).atexit = False
-        if serves:
-            # Flask views, so the app's before_request/after_request hooks, CORS and
-            # error handlers apply; the route table in bgtasks._http answers.
-            methods = sorted({m for r in routes.routes for m in r.methods} - {"HEAD"})
-            app.add_url_rule(
-                f"{routes.prefix}/<task_id>",
-                endpoint=STATUS_ENDPOINT,
-                view_func=_serve_route,
-                methods=methods,
-            )
-            for i, mount in enumerate(routes.mounts):
-                app.add_url_rule(
-                    f"{mount}/<path:_rest>",
-                    endpoint=ROUTES_ENDPOINT if i == 0 else f"{ROUTES_ENDPOINT}{i}",
-                    view_func=_serve_route,
-                    methods=methods,
-                )
         # Leave a RegistryFull handler the app registered itself.
         if RegistryFull not in app.error_handler_spec[None][None]:
             app.register_error_handler(RegistryFull, _overloaded)
@@ -199,6 +183,41 @@ class BgTasks:
         ``timeout`` seconds.
         """
         return _state(app).middleware.stop(timeout)
+
+
+def _add_views(app: flask.Flask, routes: _http.Router) -> None:
+    """Flask views for the bgtasks routes, so the app's before_request/after_request
+    hooks, CORS and error handlers apply; the route table in bgtasks._http answers."""
+    methods = sorted({m for r in routes.routes for m in r.methods} - {"HEAD"})
+    app.add_url_rule(
+        f"{routes.prefix}/<task_id>",
+        endpoint=STATUS_ENDPOINT,
+        view_func=_serve_route,
+        methods=methods,
+    )
+    for i, mount in enumerate(routes.mounts):
+        app.add_url_rule(
+            f"{mount}/<path:_rest>",
+            endpoint=ROUTES_ENDPOINT if i == 0 else f"{ROUTES_ENDPOINT}{i}",
+            view_func=_serve_route,
+            methods=methods,
+        )
+
+
+class _WeakMethod:
+    """A Flask app's own ``wsgi_app`` method, held without a reference to the app."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Any) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        method = self._method()
+        if method is None:  # pragma: no cover - the app is gone
+            msg = "the Flask app of this bgtasks middleware was garbage-collected."
+            raise RuntimeError(msg)
+        return method(environ, start_response)
 
 
 def _state(app: flask.Flask | None) -> BgTasksState:
@@ -218,13 +237,39 @@ def _runtime_from_config(config: flask.Config) -> Runtime:
 
 # --------------------------------------------------------------------------- requests
 class _FlaskMiddleware(BackgroundMiddleware):
-    """The WSGI middleware without its own status routes: Flask serves them."""
+    """The WSGI middleware without its own status routes: Flask serves them.
+
+    It holds the Flask app weakly (Flask apps are freed by reference counting
+    alone, with no cycle), and adds the status views to the app as the app
+    serves its first request, so the app's URL map (``flask routes``, tests of
+    it) is the app's own until then.
+    """
 
     def __init__(
-        self, app: WSGIApplication, *, runtime: Runtime, routes: _http.Router
+        self, app: flask.Flask, *, runtime: Runtime, routes: _http.Router, serves: bool
     ) -> None:
-        super().__init__(app, runtime=runtime, status_prefix=None)
+        wsgi_app: Any = app.wsgi_app
+        if getattr(wsgi_app, "__self__", None) is app:
+            wsgi_app = _WeakMethod(wsgi_app)
+        super().__init__(wsgi_app, runtime=runtime, status_prefix=None)
         self._flask_routes = routes
+        self._flask_app = weakref.ref(app)
+        self._views_added = not serves
+        self._views_lock = threading.Lock()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if not self._views_added:
+            self._add_views()
+        return super().__call__(environ, start_response)
+
+    def _add_views(self) -> None:
+        with self._views_lock:
+            app = self._flask_app()
+            if self._views_added or app is None:
+                return
+            if STATUS_ENDPOINT not in app.view_functions:
+                _add_views(app, self._flask_routes)
+            self._views_added = True
 
     def _responder(self, environ: WSGIEnvironment) -> _FlaskResponder:
         return _FlaskResponder(environ.get("HTTP_IDEMPOTENCY_KEY"), self._flask_routes)
