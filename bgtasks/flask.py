@@ -16,17 +16,21 @@
         ...
 
 ``init_app`` wraps ``app.wsgi_app`` in ``bgtasks.wsgi.BackgroundMiddleware``
-(runtime per worker process, active runtime in every request), registers the
-status routes as the Flask view ``bgtasks.task_status`` (so your
+(runtime per worker process, active runtime in every request) and registers
+a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``. The
+status routes become the Flask view ``bgtasks.task_status`` (so your
 ``before_request``/``after_request`` hooks, CORS and error handlers apply to
-them) and a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``.
+them) as the app serves its first request, so the app's URL map is its own
+until then. The middleware holds the app weakly: a dropped app is freed, and
+its runtime drains and lets its thread go.
 
 Work scheduled during a request (a ``@background`` view, a ``@background``
 function called from a view, ``bgtasks.wait_until(fn, ...)`` or
-``bgtasks.wait_until(coro)``) runs inside a fresh app and request context
-rebuilt from the request: its body (read before the response is sent), its
-headers and URL, a shallow copy of ``g``; ``teardown_request`` and
-``teardown_appcontext`` run when the task ends.
+``bgtasks.wait_until(coro)``) runs inside a fresh request context rebuilt
+from the request with Flask's public API (``app.request_context(environ)``):
+its body (read before the response is sent), its headers and URL, a shallow
+copy of ``g``; ``teardown_request`` and ``teardown_appcontext`` run when the
+task ends.
 """
 
 from __future__ import annotations
