@@ -122,6 +122,10 @@ class Runtime:
         self._process_pool: Any = None
         self._loop_watch: Any = None
         self._replay: Any = None  # bgtasks._durable.replay.Replay, on a durable store
+        #: Called with no arguments by the first submission to a runtime that was never
+        #: started; an adapter with no lifespan sets it to start the runtime elsewhere
+        #: (on its own loop thread). It returns once the runtime is started, or raises.
+        self.autostart: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         unfinished = self._admission.unfinished + self._admission.foreign
@@ -308,6 +312,13 @@ class Runtime:
         return task_limits(self.limits, limits, inline=inline)
 
     def _admit(self, name: str, work: Any, task_id: str | None = None) -> TaskHandle:
+        if self._state == "new" and self.autostart is not None:
+            try:
+                self.autostart()
+            except BaseException:
+                if type(work) is _CoroutineType:
+                    work.close()
+                raise
         if self._state != "started":
             if type(work) is _CoroutineType:
                 work.close()

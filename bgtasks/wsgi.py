@@ -19,9 +19,9 @@ makes a ``@background`` view answer 202 by itself.)
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -71,19 +71,22 @@ class BackgroundMiddleware:
         self.routes = (
             None
             if status_prefix is None
-            else _http.StatusRoutes(
+            else _http.Router(
                 prefix=status_prefix, authorize=authorize, include_result=include_result
             )
         )
         self._host = host_for(self.runtime)
+        if runtime is None:
+            # A dropped app (a test's app factory) lets its runtime and thread go.
+            weakref.finalize(self, self._host.release).atexit = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rt = self._host.ensure_started()
         routes = self.routes
         if routes is not None:
-            task_id = routes.match(environ.get("PATH_INFO", ""))
-            if task_id is not None:
-                return self._status(rt, routes, task_id, environ, start_response)
+            path = environ.get("PATH_INFO", "")
+            if routes.owns(path):
+                return self._serve_route(rt, routes, path, environ, start_response)
             environ[_PREFIX_KEY] = routes.prefix
         started = False
 
@@ -92,8 +95,9 @@ class BackgroundMiddleware:
             started = True
             return start_response(status, headers, exc_info)
 
+        responder = self._responder(environ)
         rt_token = _context.active_runtime.set(rt)
-        responder_token = _context.responder.set(self._responder(environ))
+        responder_token = _context.responder.set(responder)
         try:
             body = self.app(environ, start)
             if type(body) is list or type(body) is tuple:  # nothing runs while it is sent
@@ -101,9 +105,9 @@ class BackgroundMiddleware:
             file_wrapper = environ.get("wsgi.file_wrapper")
             if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
                 return body  # the server may sendfile() it: leave it as it is
-            # A streamed body runs app code after this call returns: keep the
-            # request's context (the active runtime) for it.
-            return _ContextBody(body, contextvars.copy_context())
+            # A streamed body runs app code after this call returns: the request's
+            # runtime is active for it too.
+            return _ActiveBody(body, rt, responder)
         except RegistryFull as exc:
             # Once the app has called start_response, only exc_info may replace it.
             return _send(_http.overloaded(exc), start_response, sys.exc_info() if started else None)
@@ -115,24 +119,23 @@ class BackgroundMiddleware:
         """The request's responder; plain WSGI has none (no endpoint to answer for)."""
         return None
 
-    def _status(
+    def _serve_route(
         self,
         rt: Runtime,
-        routes: _http.StatusRoutes,
-        task_id: str,
+        routes: _http.Router,
+        path: str,
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        found = routes.lookup(rt, method, task_id)
-        if isinstance(found, _http.Reply):
-            reply = found
-        else:
-            allowed = True
-            if routes.authorize is not None:
-                allowed = call_authorize(routes.authorize, environ, found, routes.action(method))
-            reply = routes.act(rt, method, found, allowed)
-        body = _send(reply, start_response)
+        found = routes.dispatch(rt, method, path, environ.get("QUERY_STRING", ""))
+        authorize = routes.authorize
+
+        def decide(ask: _http.Ask) -> bool:
+            assert authorize is not None
+            return call_authorize(authorize, environ, ask.record, ask.action)
+
+        body = _send(_http.run_sync(found, decide), start_response)
         return [] if method == "HEAD" else body
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -143,33 +146,52 @@ class BackgroundMiddleware:
         return self._host.stop(timeout)
 
 
-class _ContextBody:
-    """A response body iterated, and closed, in the context of its request.
+class _ActiveBody:
+    """A streamed response body, with the request's runtime active while it runs.
 
     So ``bgtasks.wait_until`` in a streamed response's generator finds the
-    request's runtime, as it would in the view.
+    request's runtime, as it would in the view. The body runs in the server's
+    own context, exactly as without bgtasks (``flask.stream_with_context``
+    pushes and pops Flask's context across calls): only the two bgtasks
+    variables are set around each step, and reset after it.
     """
 
-    __slots__ = ("_body", "_ctx", "_it")
+    __slots__ = ("_body", "_it", "_responder", "_rt")
 
-    def __init__(self, body: Iterable[bytes], ctx: contextvars.Context) -> None:
+    def __init__(
+        self, body: Iterable[bytes], rt: Runtime, responder: _context.Responder | None
+    ) -> None:
         self._body = body
-        self._ctx = ctx
+        self._rt = rt
+        self._responder = responder
         self._it: Iterator[bytes] | None = None
 
-    def __iter__(self) -> _ContextBody:
+    def __iter__(self) -> _ActiveBody:
         return self
 
     def __next__(self) -> bytes:
-        it = self._it
-        if it is None:
-            it = self._it = self._ctx.run(iter, self._body)
-        return self._ctx.run(next, it)
+        rt_token = _context.active_runtime.set(self._rt)
+        responder_token = _context.responder.set(self._responder)
+        try:
+            it = self._it
+            if it is None:
+                it = self._it = iter(self._body)
+            return next(it)
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
-        if close is not None:
-            self._ctx.run(close)
+        if close is None:
+            return
+        rt_token = _context.active_runtime.set(self._rt)
+        responder_token = _context.responder.set(self._responder)
+        try:
+            close()
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
 
 
 def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _http.Action) -> bool:
