@@ -269,6 +269,9 @@ class _Pending:
     future: concurrent.futures.Future[TaskRecord | None]
     #: admitted on the runtime's loop thread: settle it there too (see Runtime._retract)
     on_loop: bool
+    durable: bool = False
+    #: the observers' trace carrier, journaled in ``options["trace"]`` (see _observe)
+    origin: dict[str, str] | None = None
 
     def settle_later(self) -> None:
         """The caller stopped waiting: let the commit decide, whenever it comes."""
@@ -316,6 +319,8 @@ def submit_durable(
             raise
         if not fut.done():
             begun.settle_later()
+            if rt._observers:
+                rt._obs_rejected(opts.name, "store")
             msg = (
                 f"the task store did not confirm the journal write within {timeout:g}s; "
                 "the call was not accepted (it may still run once the store answers). "
@@ -344,19 +349,22 @@ async def submit_durable_async(
 
 def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -> _Pending:
     store = rt.store
-    payload = options = target = None
+    payload = options = target = origin = None
     if opts.durable:
         codec = _codec(opts.fn)
         args, kwargs, payload = codec.dump(opts.name, spec.args, spec.kwargs)
         spec = Spec(spec.kind, spec.fn, args, kwargs, spec.limits, spec.retries)
         target = target_of(opts.fn)
-        options = json.dumps(
-            {
-                "retries": spec.retries,
-                "limits": _limits_json(spec.limits),
-                "isolation": opts.isolation,
-            }
-        )
+        stored: dict[str, Any] = {
+            "retries": spec.retries,
+            "limits": _limits_json(spec.limits),
+            "isolation": opts.isolation,
+        }
+        if rt._observers:
+            origin = rt._carrier()  # so that a replay can link to the submitter's trace
+            if origin:
+                stored["trace"] = origin
+        options = json.dumps(stored)
         if not store.durable and rt not in _warned:
             _warned.add(rt)
             logger.warning(
@@ -381,7 +389,8 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
     except BaseException:
         rt._retract(t)
         raise
-    return _Pending(rt, store, t, fut, threading.get_ident() == rt._loop_thread_id)
+    on_loop = threading.get_ident() == rt._loop_thread_id
+    return _Pending(rt, store, t, fut, on_loop, opts.durable, origin)
 
 
 def _outcome(begun: _Pending) -> TaskHandle:
@@ -394,6 +403,8 @@ def _outcome(begun: _Pending) -> TaskHandle:
 def _settle(begun: _Pending, existing: TaskRecord | None) -> TaskHandle:
     rt, t = begun.rt, begun.task
     if existing is None:
+        if rt._observers:
+            rt._obs_submitted(t, durable=begun.durable, origin=begun.origin)
         rt._launch(t)
         return t
     # Another task already holds this idempotency key: that one is the answer.
@@ -420,6 +431,8 @@ def _refused(begun: _Pending, exc: BaseException) -> BaseException:
     begun.store.forget_journal(begun.task._id)
     begun.rt._retract(begun.task)
     if isinstance(exc, StoreError):
+        if begun.rt._observers:
+            begun.rt._obs_rejected(begun.task._name, "store")
         why = str(exc).rstrip(".")
         msg = f"the call was not accepted: it could not be journaled ({why}). Retry later."
         return RegistryFull(msg, retry_after=1.0)
@@ -546,8 +559,21 @@ def _adopt(rt: Runtime, store: SQLiteStore, claimed: ClaimedTask) -> bool:
     t._attempts = claimed.attempts
     t._progress = claimed.progress
     store.adopt(t._id)
+    if rt._observers:
+        rt._obs_submitted(t, durable=True, origin=_origin_of(claimed.options), replayed=True)
     rt._launch(t)
     return True
+
+
+def _origin_of(options: str) -> dict[str, str] | None:
+    """The trace carrier journaled with a call (``options["trace"]``), if any."""
+    try:
+        trace = json.loads(options).get("trace")
+    except Exception:
+        return None
+    if not isinstance(trace, dict):
+        return None
+    return {str(k): str(v) for k, v in trace.items()}
 
 
 def _spec_of(rt: Runtime, claimed: ClaimedTask) -> Spec:

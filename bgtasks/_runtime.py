@@ -42,6 +42,7 @@ from ._hooks import (
 )
 from ._ids import new_id
 from ._limits import NO_LIMITS, Limits, parse_size
+from ._observe import ObservedTask, Observer, RejectReason, safely
 from ._task import FINISHED, ErrorInfo, TaskHandle, TaskRecord, TaskStatus
 from ._threads import ThreadPool
 
@@ -99,13 +100,14 @@ class Spec:
 class _Ctl:
     """Per-task control state, created only for tasks that need it."""
 
-    __slots__ = ("callbacks", "claimed", "slot", "stop_exc")
+    __slots__ = ("callbacks", "claimed", "observed", "slot", "stop_exc")
 
     def __init__(self) -> None:
         self.slot: Slot | None = None
         self.stop_exc: BaseException | None = None
         self.callbacks: list[Callable[[], None]] = []
         self.claimed = False  # a direct task's ending is being recorded
+        self.observed: ObservedTask | None = None  # only while observers are registered
 
 
 def _ctl(t: TaskHandle) -> _Ctl:
@@ -225,6 +227,9 @@ class Runtime:
         self._persist = self.store.durable  # records go to the store at every transition
 
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
+        # Instrumentation (bgtasks.otel, bgtasks.prometheus): every hook point is
+        # guarded by `if self._observers:`, so none costs more than that when off.
+        self._observers: tuple[Observer, ...] = ()
         self._registry: dict[str, TaskHandle] = {}  # every known task, until it expires
         # Ids of finished tasks, oldest first (their handles hold the times): ids,
         # not (time, id) tuples, so a finished task adds no object for the GC.
@@ -413,6 +418,100 @@ class Runtime:
         """Remove a handler registered with ``on``."""
         self._handlers[event].remove(handler)
 
+    # ------------------------------------------------------------------ observers
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Report every task's events to ``observer`` (see ``bgtasks._observe``);
+        returns a function that unsubscribes it. ``bgtasks.otel.instrument`` and
+        ``bgtasks.prometheus.instrument`` call this for you."""
+        if not isinstance(observer, Observer):
+            msg = (
+                f"observe() needs a bgtasks._observe.Observer (subclass it and override the "
+                f"events you need), got {type(observer).__name__}."
+            )
+            raise TypeError(msg)
+        self._observers = (*self._observers, observer)
+
+        def unsubscribe() -> None:
+            self._observers = tuple(o for o in self._observers if o is not observer)
+
+        return unsubscribe
+
+    def _carrier(self) -> dict[str, str] | None:
+        """The observers' propagation headers for the current context (durable calls)."""
+        merged: dict[str, str] = {}
+        for o in self._observers:
+            headers = safely(o, "carrier")
+            if headers:
+                merged.update(headers)
+        return merged or None
+
+    def _obs_submitted(
+        self,
+        t: TaskHandle,
+        *,
+        durable: bool = False,
+        origin: dict[str, str] | None = None,
+        replayed: bool = False,
+    ) -> None:
+        """Hook: ``t`` was admitted; call in the submitter's context, before it launches."""
+        obs = ObservedTask(
+            t._id,
+            t._name,
+            created_at=t._created_at,
+            durable=durable,
+            origin=origin,
+            replayed=replayed,
+        )
+        _ctl(t).observed = obs
+        for o in self._observers:
+            safely(o, "submitted", obs)
+
+    def _obs_rejected(self, name: str, reason: RejectReason) -> None:
+        """Hook: admission refused a task named ``name`` (``RegistryFull``)."""
+        for o in self._observers:
+            safely(o, "rejected", name, reason)
+
+    def _obs_task(self, t: TaskHandle) -> ObservedTask:
+        ctl = _ctl(t)
+        obs = ctl.observed
+        if obs is None:  # admitted before the observer was registered
+            obs = ctl.observed = ObservedTask(t._id, t._name, created_at=t._created_at)
+        return obs
+
+    def _obs_started(self, t: TaskHandle) -> tuple[ObservedTask, int, float]:
+        """Hook: an attempt of ``t`` begins; call in the context its code runs in."""
+        obs = self._obs_task(t)
+        attempt = t._attempts
+        now = _now()
+        queued_for = 0.0
+        if obs.started_at is None:
+            obs.started_at = now
+            if attempt <= 1:
+                queued_for = max(0.0, now - obs.created_at)
+        for o in self._observers:
+            safely(o, "attempt_started", obs, attempt, queued_for)
+        return obs, attempt, time.perf_counter()
+
+    def _obs_ended(
+        self,
+        begun: tuple[ObservedTask, int, float],
+        error: BaseException | None,
+        will_retry: bool,
+    ) -> None:
+        """Hook: the attempt ``begun`` (from ``_obs_started``) ended; same context."""
+        obs, attempt, t0 = begun
+        t1 = time.perf_counter() - t0
+        for o in self._observers:
+            safely(o, "attempt_ended", obs, attempt, error, will_retry=will_retry, duration=t1)
+
+    def _obs_finished(self, t: TaskHandle, status: TaskStatus) -> None:
+        """Hook: ``t`` reached its final status (once per task)."""
+        obs = self._obs_task(t)
+        end = t._finished_at or _now()
+        duration = max(0.0, end - obs.started_at) if obs.started_at is not None else 0.0
+        for o in self._observers:
+            safely(o, "finished", obs, status, duration)
+
     def _fire_soon(self, event: BeforeUnloadEvent) -> None:
         """Dispatch ``event`` from any thread, without waiting for it."""
         handlers = self._handlers["beforeunload"]
@@ -453,6 +552,8 @@ class Runtime:
             if limits is None and (self.limits is NO_LIMITS or self.limits.unlimited):
                 # The hot path, kept flat: admit, then one create_task.
                 t = self._admit(name or aw.__qualname__, aw)
+                if self._observers:
+                    self._obs_submitted(t)
                 if _get_ident() == self._loop_thread_id:
                     t._task = self._loop.create_task(self._run(t))  # type: ignore[union-attr]
                 else:
@@ -479,6 +580,8 @@ class Runtime:
             if spec.kind == "coro" and type(spec.fn) is _CoroutineType:
                 spec.fn.close()
             raise
+        if self._observers:
+            self._obs_submitted(t)
         if (
             spec.kind == "sync"
             and spec.retries == 0
@@ -524,6 +627,8 @@ class Runtime:
                     "your app with bgtasks.asgi.BackgroundMiddleware / bgtasks.flask.BgTasks."
                 )
                 raise RuntimeNotActive(msg)
+            if self._observers:
+                self._obs_rejected(name, "shutdown")
             msg = "the runtime is shutting down and accepts no new work; retry on another worker."
             raise RegistryFull(msg, retry_after=1.0)
         if _get_ident() == self._loop_thread_id:
@@ -538,6 +643,8 @@ class Runtime:
         if full:
             if type(work) is _CoroutineType:
                 work.close()
+            if self._observers:
+                self._obs_rejected(name, full)
             if full == "pending":
                 msg = (
                     f"too many unfinished tasks (max_pending={self.max_pending}); "
@@ -612,7 +719,7 @@ class Runtime:
             if self._sem is not None:
                 async with self._sem:
                     await self._run_attempts(t, work)
-            elif type(work) is _CoroutineType and not self._persist:
+            elif type(work) is _CoroutineType and not self._persist and not self._observers:
                 # The hot path: one coroutine, no limits, no retries.
                 t._status = "running"
                 t._attempts = 1
@@ -639,13 +746,18 @@ class Runtime:
         spec = Spec("coro", work) if type(work) is _CoroutineType else work
         if spec.kind == "coro" or spec.retries == 0:
             self._started(t)
-            result = await self._attempt(t, spec)
+            if self._observers:
+                result = await self._observed_attempt(t, spec, 0)
+            else:
+                result = await self._attempt(t, spec)
             self._succeed(t, result)
             return
         b = self.backoff
+        attempts = max(1, spec.retries + 1 - t._attempts)
+        last = t._attempts + attempts  # the number of the last attempt stamina allows
         async for attempt in stamina.retry_context(
             on=_retryable,
-            attempts=max(1, spec.retries + 1 - t._attempts),
+            attempts=attempts,
             timeout=None,
             wait_initial=b.initial,
             wait_max=b.max,
@@ -653,8 +765,38 @@ class Runtime:
         ):
             with attempt:
                 self._started(t)
-                result = await self._attempt(t, spec)
+                if self._observers:
+                    result = await self._observed_attempt(t, spec, last)
+                else:
+                    result = await self._attempt(t, spec)
         self._succeed(t, result)
+
+    async def _observed_attempt(self, t: TaskHandle, spec: Spec, last: int) -> Any:
+        """``_attempt`` between the attempt_started and attempt_ended hooks, which
+        run in the task's context (a sync task's thread gets a copy of it)."""
+        begun = self._obs_started(t)
+        try:
+            result = await self._attempt(t, spec)
+        except BaseException as exc:
+            self._obs_ended(begun, exc, t._attempts < last and _retryable(exc))
+            raise
+        self._obs_ended(begun, None, False)
+        return result
+
+    def _observed_call(self, t: TaskHandle, spec: Spec) -> Any:
+        """``_call_in_task`` of a direct task between the attempt hooks, in its context."""
+        begun = self._obs_started(t)
+        try:
+            value = _call_in_task(t, spec)
+        except BaseException as exc:
+            error: BaseException = exc
+            if isinstance(exc, Interrupt):
+                stop = t._x.stop_exc if t._x is not None else None
+                error = stop if stop is not None else asyncio.CancelledError()
+            self._obs_ended(begun, error, False)
+            raise
+        self._obs_ended(begun, None, False)
+        return value
 
     def _started(self, t: TaskHandle) -> None:
         t._status = "running"
@@ -844,6 +986,8 @@ class Runtime:
             self._finish(t, "failed")
 
     def _finish(self, t: TaskHandle, status: TaskStatus) -> None:
+        if self._observers:
+            self._obs_finished(t, status)
         t._status = status
         if status != "failed" or t._finished_at is None:
             t._finished_at = _now()
@@ -923,7 +1067,10 @@ class Runtime:
                 self._finish_direct(t, "cancelled", None)
             return
         try:
-            value = ctx.run(_call_in_task, t, spec)
+            if self._observers:
+                value = ctx.run(self._observed_call, t, spec)
+            else:
+                value = ctx.run(_call_in_task, t, spec)
             ok = True
         except BaseException as exc:
             value, ok = exc, False
@@ -971,6 +1118,8 @@ class Runtime:
 
     def _finish_direct(self, t: TaskHandle, status: TaskStatus, result: Any) -> None:
         """``_finish`` for a direct task, on its worker thread."""
+        if self._observers:
+            self._obs_finished(t, status)
         t._result = result
         t._work = None
         now = _now()
