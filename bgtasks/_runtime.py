@@ -719,12 +719,15 @@ class Runtime:
             if self._sem is not None:
                 async with self._sem:
                     await self._run_attempts(t, work)
-            elif type(work) is _CoroutineType and not self._persist and not self._observers:
+            elif type(work) is _CoroutineType and not self._persist:
                 # The hot path: one coroutine, no limits, no retries.
                 t._status = "running"
                 t._attempts = 1
                 t._started_at = _now()
-                result = await work
+                if self._observers:
+                    result = await self._observed_await(t, work)
+                else:
+                    result = await work
                 self._succeed(t, result)
             else:
                 await self._run_attempts(t, work)
@@ -779,6 +782,19 @@ class Runtime:
             result = await self._attempt(t, spec)
         except BaseException as exc:
             self._obs_ended(begun, exc, t._attempts < last and _retryable(exc))
+            raise
+        self._obs_ended(begun, None, False)
+        return result
+
+    async def _observed_await(self, t: TaskHandle, work: Awaitable[Any]) -> Any:
+        """The hot path's ``await work`` between the attempt hooks (one attempt)."""
+        begun = self._obs_started(t)
+        try:
+            result = await work
+        except BaseException as exc:
+            stop = t._x.stop_exc if t._x is not None else None
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            self._obs_ended(begun, stop if cancelled and stop is not None else exc, False)
             raise
         self._obs_ended(begun, None, False)
         return result

@@ -180,7 +180,10 @@ class MetricsObserver(Observer):
 
     def __init__(self, metrics: _Metrics) -> None:
         self._m = metrics
-        self._children: dict[tuple[str, ...], Any] = {}  # labels() once per label set
+        # Each metric's child per label set, so that a task pays labels() once per name.
+        self._submitted: dict[str, Any] = {}
+        self._queue_wait: dict[str, Any] = {}
+        self._finished: dict[tuple[str, str], tuple[Any, Any]] = {}
         gauge = metrics.tasks
         self._pending = gauge.labels("pending") if gauge is not None else None
         self._running = gauge.labels("running") if gauge is not None else None
@@ -188,25 +191,24 @@ class MetricsObserver(Observer):
     def __repr__(self) -> str:
         return "<bgtasks.prometheus.MetricsObserver>"
 
-    def _child(self, metric: str, *labels: str) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = getattr(self._m, metric).labels(*labels)
-        return child
-
     def submitted(self, task: ObservedTask) -> None:
-        self._child("submitted", task.name).inc()
+        child = self._submitted.get(task.name)
+        if child is None:
+            child = self._submitted[task.name] = self._m.submitted.labels(task.name)
+        child.inc()
         if self._pending is not None:
             self._pending.inc()
             task.scratch["prometheus"] = "pending"
 
     def rejected(self, name: str, reason: RejectReason) -> None:
-        self._child("rejected", reason).inc()
+        self._m.rejected.labels(reason).inc()
 
     def attempt_started(self, task: ObservedTask, attempt: int, queued_for: float) -> None:
         if attempt == 1 and not task.replayed:
-            self._child("queue_wait", task.name).observe(queued_for)
+            child = self._queue_wait.get(task.name)
+            if child is None:
+                child = self._queue_wait[task.name] = self._m.queue_wait.labels(task.name)
+            child.observe(queued_for)
         if self._running is not None and task.scratch.get("prometheus") != "running":
             if task.scratch.get("prometheus") == "pending":
                 self._pending.dec()  # type: ignore[union-attr]
@@ -225,14 +227,19 @@ class MetricsObserver(Observer):
         if error is None:
             return
         if will_retry:
-            self._child("retries", task.name).inc()
+            self._m.retries.labels(task.name).inc()
         limit = limit_name(error)
         if limit is not None:
-            self._child("limit_exceeded", task.name, limit).inc()
+            self._m.limit_exceeded.labels(task.name, limit).inc()
 
     def finished(self, task: ObservedTask, status: str, duration: float) -> None:
-        self._child("finished", task.name, status).inc()
-        self._child("duration", task.name, status).observe(duration)
+        key = (task.name, status)
+        children = self._finished.get(key)
+        if children is None:
+            m = self._m
+            children = self._finished[key] = (m.finished.labels(*key), m.duration.labels(*key))
+        children[0].inc()
+        children[1].observe(duration)
         state = task.scratch.pop("prometheus", None)
         if state == "pending":
             self._pending.dec()  # type: ignore[union-attr]
