@@ -88,15 +88,13 @@ class TracingObserver(Observer):
             attributes["bgtasks.replayed"] = True
             origin = trace.get_current_span(propagate.extract(task.origin or {}))
             if origin.get_span_context().is_valid:
-                links.append(Link(origin.get_span_context(), {"bgtasks.link": "submitter"}))
+                links.append(Link(origin.get_span_context()))
         else:
             # None if the observer came after its submission: then what is current.
             parent = task.scratch.get(self._key) or otel_context.get_current()
             submitter = trace.get_current_span(parent).get_span_context()
             if submitter.is_valid:
-                links.append(Link(submitter, {"bgtasks.link": "submitter"}))
-        if attempt == 1 and not task.replayed:
-            attributes["bgtasks.queue_wait"] = queued_for
+                links.append(Link(submitter))
         span = self._tracer.start_span(
             f"process {task.name}",
             context=parent,
