@@ -2,6 +2,7 @@
 
     python bench/overhead.py            # 10k and 100k tasks, 5 rounds, medians
     python bench/overhead.py --quick    # smaller, for a smoke run
+    python bench/overhead.py --instrumented --rounds 9   # only the instrumentation figures
 
 Each round measures the baseline and bgtasks back to back in the same
 process, so the ratios hold on a noisy machine even when the absolute
@@ -290,8 +291,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k tasks, 3 rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--instrumented", action="store_true", help="only instrumentation against none, 10k tasks"
+    )
     args = parser.parse_args()
-    if args.quick:
+    if args.instrumented:
+        asyncio.run(instrumented(10_000, args.rounds))
+    elif args.quick:
         asyncio.run(main([1_000, 10_000], 3))
     else:
         asyncio.run(main([10_000, 100_000], args.rounds))
