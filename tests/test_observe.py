@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import json
@@ -19,6 +20,7 @@ import pytest
 import bgtasks
 from bgtasks import Limits, Runtime
 from bgtasks._observe import ObservedTask, Observer, limit_name
+from bgtasks.stores import MemoryStore
 
 pytestmark = pytest.mark.anyio
 
@@ -318,3 +320,36 @@ async def test_a_durable_call_keeps_the_carrier_for_its_replay(tmp_path: Path) -
         ("started", name, 2),
     ]
     assert second.origins == [{"request": "req-d"}]
+
+
+async def test_a_call_the_store_cannot_journal_is_rejected_for_the_store() -> None:
+    class Failing(MemoryStore):
+        def journal(self, runtime: Any, entry: Any) -> concurrent.futures.Future[Any]:
+            fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            fut.set_exception(bgtasks.StoreError("disk full"))
+            return fut
+
+    rec = Recorder()
+    rt = Runtime(store=Failing())
+    rt.observe(rec)
+    async with rt:
+
+        @rt.background(name="keyed")
+        async def keyed() -> None:
+            pass
+
+        with pytest.raises(bgtasks.RegistryFull, match="could not be journaled"):
+            keyed.using(idempotency_key="k1").submit()
+        await rt.drain(5)
+    assert rec.events == [("rejected", "keyed", "store")]
+
+
+async def test_a_call_refused_for_memory_is_rejected_for_memory() -> None:
+    rec = Recorder()
+    async with Runtime() as rt:
+        rt.observe(rec)
+        rt._memory_high = True  # what the memory loop sets above 90% of memory_limit
+        with pytest.raises(bgtasks.RegistryFull, match="memory_limit"):
+            rt.wait_until(print, name="big")
+        rt._memory_high = False
+    assert rec.events == [("rejected", "big", "memory")]
