@@ -353,3 +353,21 @@ async def test_a_call_refused_for_memory_is_rejected_for_memory() -> None:
             rt.wait_until(print, name="big")
         rt._memory_high = False
     assert rec.events == [("rejected", "big", "memory")]
+
+
+async def test_a_process_isolated_task_reports_its_attempts() -> None:
+    import process_funcs
+
+    rec = Recorder()
+    async with Runtime(process_pool_size=1) as rt:
+        rt.observe(rec)
+        isolated = rt.background(isolation="process", name="isolated")(process_funcs.add)
+        record = await isolated(2, 3).wait(30)
+        await rt.drain(5)
+    assert record.result == 5
+    assert rec.of("isolated") == [
+        ("submitted", "isolated", "none", False, False),
+        ("started", "isolated", 1),
+        ("ended", "isolated", 1, None, False),
+        ("finished", "isolated", "succeeded"),
+    ]
