@@ -219,3 +219,40 @@ def test_importing_bgtasks_imports_neither_opentelemetry_nor_prometheus() -> Non
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_flask_view_and_its_background_task_share_a_trace(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    from flask import Flask
+
+    from bgtasks.flask import BgTasks
+
+    tracer = provider.get_tracer("test")
+    rt = Runtime()
+    bgtasks.otel.instrument(rt, tracer_provider=provider)
+    app = Flask("t")
+    BgTasks(app, runtime=rt)
+    seen: list[int] = []
+
+    def audit(n: int) -> None:  # a sync task, on a worker thread
+        seen.append(trace.get_current_span().get_span_context().span_id)
+
+    @app.post("/orders")
+    def create_order() -> dict[str, str]:
+        with tracer.start_as_current_span("POST /orders"):  # stands for flask instrumentation
+            handle = bgtasks.wait_until(audit, 7, name="audit")
+        return {"id": handle.id}
+
+    try:
+        task_id = app.test_client().post("/orders").get_json()["id"]
+        handle = rt.handle(task_id)
+        assert handle is not None
+        assert handle.wait_sync(5).status == "succeeded"
+    finally:
+        assert app.extensions["bgtasks"].middleware.stop(10)
+    (request,) = spans(exporter, "POST /orders")
+    (task,) = spans(exporter, "process audit")
+    assert request.context is not None and task.parent is not None
+    assert task.parent.span_id == request.context.span_id
+    assert task.context is not None and seen == [task.context.span_id]
