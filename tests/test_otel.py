@@ -256,3 +256,20 @@ def test_a_flask_view_and_its_background_task_share_a_trace(
     assert request.context is not None and task.parent is not None
     assert task.parent.span_id == request.context.span_id
     assert task.context is not None and seen == [task.context.span_id]
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [
+        ("bgtasks.otel", "opentelemetry", "otel"),
+        ("bgtasks.prometheus", "prometheus_client", "prometheus"),
+    ],
+)
+def test_a_missing_extra_names_the_install_command(module: str, blocked: str, extra: str) -> None:
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.modules[{blocked!r}] = None; import {module}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"pip install 'bgtasks[{extra}]'" in proc.stderr
