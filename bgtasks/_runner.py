@@ -71,7 +71,10 @@ class Ticket:
         return self._on_loop
 
     def launch(self) -> TaskHandle:
-        self._rt._runner.launch(self.handle)
+        rt = self._rt
+        if rt._observers:
+            rt._announce(self.handle)
+        rt._runner.launch(self.handle)
         return self.handle
 
     def retract(self) -> None:
@@ -204,7 +207,11 @@ class Runner:
         if not observers:
             return await attempt(self.rt, t, spec)
         task = self.observed(t)
-        queued = max(0.0, t._started_at - t._created_at) if t._attempts == 1 else 0.0  # type: ignore[operator]
+        queued = 0.0
+        if task.started_at is None:  # the first attempt in this process
+            task.started_at = now = _now()
+            if t._attempts <= 1:
+                queued = max(0.0, now - task.created_at)
         for o in observers:
             safely(o, "attempt_started", task, t._attempts, queued)
         began = time.perf_counter()
@@ -296,7 +303,7 @@ class Runner:
         observers = self.rt._observers
         if observers:
             task = self.observed(t)
-            took = now - t._started_at if t._started_at is not None else 0.0
+            took = max(0.0, now - task.started_at) if task.started_at is not None else 0.0
             for o in observers:
                 safely(o, "finished", task, status, took)
         if foreign and (wake or callbacks):

@@ -926,6 +926,8 @@ def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         assert stopped.error is not None and stopped.error.type == "CPULimitExceeded"
         schema = client.get("/openapi.json").json()
         assert "202" in schema["paths"]["/reports"]["post"]["responses"]
+        metrics = client.get("/metrics").text
+        assert 'bgtasks_tasks_finished_total{name="build_report",status="succeeded"}' in metrics
 
 
 def test_importing_the_adapter_imports_no_framework() -> None:

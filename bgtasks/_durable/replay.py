@@ -142,6 +142,11 @@ def _adopt(rt: Runtime, claimed: ClaimedTask) -> bool:
         return False
     t = ticket.handle
     t._created_at = entry.created_at
+    if rt._observers:  # a new trace, linked to the submitter's (entry.context)
+        observed = rt._runner.observed(t)
+        observed.created_at = entry.created_at
+        observed.durable, observed.replayed = True, True
+        observed.origin = dict(entry.context) if entry.context else None
     t._attempts = claimed.attempts
     t._progress = _progress(claimed.progress)
     ticket.launch()
