@@ -29,6 +29,7 @@ from ._hooks import UnhandledRejectionEvent, dispatch
 from ._observe import ObservedTask, safely
 from ._spec import Spec
 from ._state import TaskState, ctl_of, jsonable
+from ._steps import Parked
 from ._task import FINISHED, TaskStatus
 
 if TYPE_CHECKING:
@@ -162,6 +163,8 @@ class Runner:
                 self.finish(t, "cancelled")
         except Interrupt:
             await self.fail(t, stop_error(t, None))
+        except Parked:
+            self.parked(t)
         except BaseException as exc:
             # SystemExit or KeyboardInterrupt raised by task code ends that task,
             # not the server: re-raised here it would stop the event loop.
@@ -218,6 +221,8 @@ class Runner:
         error: BaseException | None = None
         try:
             return await attempt(self.rt, t, spec)
+        except Parked:
+            raise  # not an outcome: the attempt goes on in a later run
         except BaseException as exc:
             error = exc
             raise
@@ -313,6 +318,24 @@ class Runner:
         elif callbacks:
             self._callbacks(t, callbacks)
 
+    def parked(self, t: TaskHandle) -> None:
+        """A durable task parked (``step.sleep``): it leaves this process, holding
+        no slot and no memory; the store wakes it (loop thread)."""
+        ctl = t._x
+        wake_at = ctl.wake_at if ctl is not None else None
+        t._task = None
+        t._work = None
+        if ctl is not None:
+            ctl.parked = True
+            if ctl.callbacks:  # waiters follow it if it wakes up here
+                self.rt._parked_waiters.setdefault(t._id, []).extend(ctl.callbacks)
+                ctl.callbacks = []
+        self.registry.discard(t._id)
+        self.admission.done()
+        replay = self.rt._replay
+        if replay is not None and wake_at is not None:
+            replay.nudge_at(wake_at)
+
     def _after_foreign(self, t: TaskHandle, callbacks: list[Callable[[], None]]) -> None:
         self._callbacks(t, callbacks)
         self.admission.wake_if_idle()
@@ -331,9 +354,13 @@ class Runner:
         if loop is not None and _get_ident() != self.loop_thread_id:
             loop.call_soon_threadsafe(self.add_done_callback, t, cb)
             return
+        ctl = ctl_of(t)
+        if ctl.parked:  # it left this process: wait for it to wake up here
+            self.rt._parked_waiters.setdefault(t._id, []).append(cb)
+            return
         with self.admission.lock:  # a direct task finishes on its worker thread, under it
             if t._status not in FINISHED:
-                ctl_of(t).callbacks.append(cb)
+                ctl.callbacks.append(cb)
                 return
         cb()
 
@@ -346,6 +373,14 @@ class Runner:
             return
         ctl = t._x
         if ctl is None:
+            return
+        if ctl.parked:
+            waiters = self.rt._parked_waiters.get(t._id)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(cb)
+                if not waiters:
+                    del self.rt._parked_waiters[t._id]
             return
         with self.admission.lock, contextlib.suppress(ValueError):
             ctl.callbacks.remove(cb)

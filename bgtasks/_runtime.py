@@ -122,6 +122,7 @@ class Runtime:
         self._process_pool: Any = None
         self._loop_watch: Any = None
         self._replay: Any = None  # bgtasks._durable.replay.Replay, on a durable store
+        self._parked_waiters: dict[str, list[Callable[[], None]]] = {}
         #: Called with no arguments by the first submission to a runtime that was never
         #: started; an adapter with no lifespan sets it to start the runtime elsewhere
         #: (on its own loop thread). It returns once the runtime is started, or raises.

@@ -21,6 +21,7 @@ from .._errors import RegistryFull, StoreError
 from .._handle import TaskHandle
 from .._limits import Limits
 from .._spec import Spec
+from .._state import ctl_of
 from .._task import TaskRecord, TaskStatus
 from ..stores.base import JournalEntry
 from .codec import codec_of, target_of
@@ -150,6 +151,8 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
     origin = rt._carrier() if opts.durable and rt._observers else None
     ticket = rt.reserve(opts.name, spec)
     t = ticket.handle
+    if opts.durable and store.durable:
+        ctl_of(t).durable = True  # its kept steps live in the store
     if rt._observers:
         observed = rt._runner.observed(t)
         observed.durable = opts.durable
