@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Literal
 
 import pydantic
 
-from ._errors import RegistryFull
+from ._errors import RegistryFull, StoreError
 from ._handle import TaskHandle
 from ._ids import is_valid_id
-from ._task import FINISHED, TaskRecord, TaskStatus
+from ._task import FINISHED, ErrorInfo, TaskRecord, TaskStatus
+
+logger = logging.getLogger("bgtasks")
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -79,10 +82,42 @@ def _json(status: int, payload: object, headers: list[tuple[str, str]] | None = 
     return Reply(status, [_JSON, ("content-length", str(len(body))), *(headers or [])], body)
 
 
-def _record(status: int, record: TaskRecord, *, include_result: bool) -> Reply:
+#: What the status JSON shows instead of an error's message when the app hides them.
+HIDDEN_MESSAGE = "(hidden: include_error_message=False)"
+
+
+def _record(
+    status: int, record: TaskRecord, *, include_result: bool, include_error_message: bool = True
+) -> Reply:
     exclude = None if include_result else {"result"}
+    if not include_error_message:
+        record = hide_error_messages(record)
     body = record.model_dump_json(exclude=exclude).encode()
     return Reply(status, [_JSON, ("content-length", str(len(body)))], body)
+
+
+def hide_error_messages(record: TaskRecord) -> TaskRecord:
+    """``record`` with the messages of its error and its steps' errors hidden
+    (they may carry secrets: a database URL, a token), their types kept."""
+    update: dict[str, object] = {}
+    if record.error is not None:
+        update["error"] = ErrorInfo(type=record.error.type, message=HIDDEN_MESSAGE)
+    if any(s.error is not None for s in record.steps):
+        update["steps"] = [
+            s
+            if s.error is None
+            else s.model_copy(
+                update={"error": ErrorInfo(type=s.error.type, message=HIDDEN_MESSAGE)}
+            )
+            for s in record.steps
+        ]
+    return record.model_copy(update=update) if update else record
+
+
+def store_unavailable() -> Reply:
+    """503 for a status request the task store cannot answer now (detail in the log)."""
+    body = {"detail": "the task store is unavailable; retry later."}
+    return _json(503, body, [("retry-after", "1")])
 
 
 class TaskAccepted(pydantic.BaseModel):
@@ -209,6 +244,7 @@ class Router:
         prefix: str = DEFAULT_PREFIX,
         authorize: Authorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         if not prefix.startswith("/") or prefix.endswith("/"):
             msg = f"status_prefix must start with '/' and not end with one, got {prefix!r}."
@@ -217,6 +253,7 @@ class Router:
         self._with_slash = prefix + "/"
         self.authorize = authorize
         self.include_result = include_result
+        self.include_error_message = include_error_message
         self.routes: list[Route] = []
         self.mounts: list[str] = []
         self.add(Route(prefix, "/{task_id}", frozenset(("GET", "HEAD", "DELETE")), task_status))
@@ -327,7 +364,11 @@ def task_status(call: Call) -> Step:
     task_id = call.params["task_id"]
     if not is_valid_id(task_id):
         return not_found()
-    record: TaskRecord | None = rt.get(task_id)
+    try:
+        record: TaskRecord | None = rt.get(task_id)
+    except StoreError as exc:
+        logger.error("bgtasks: the status of task %s could not be read: %s", task_id, exc)
+        return store_unavailable()
     if record is None:
         return not_found()
     router = call.router
@@ -336,11 +377,18 @@ def task_status(call: Call) -> Step:
         if not allowed:
             # 404, not 403: a refused reader learns nothing, not even that the id exists.
             return not_found()
-    include_result = router.include_result
+    shown = {
+        "include_result": router.include_result,
+        "include_error_message": router.include_error_message,
+    }
     if call.method == "DELETE":
-        if record.status in FINISHED or not rt.cancel(record.id):
-            # Finished before (or while) we looked: there is nothing to cancel.
-            status = (rt.get(record.id) or record).status
-            return _json(409, {"detail": f"Task already {status}", "status": status})
-        return _record(202, rt.get(record.id) or record, include_result=include_result)
-    return _record(200, record, include_result=include_result)
+        try:
+            if record.status in FINISHED or not rt.cancel(record.id):
+                # Finished before (or while) we looked: there is nothing to cancel.
+                status = (rt.get(record.id) or record).status
+                return _json(409, {"detail": f"Task already {status}", "status": status})
+            return _record(202, rt.get(record.id) or record, **shown)
+        except StoreError as exc:
+            logger.error("bgtasks: task %s could not be cancelled: %s", task_id, exc)
+            return store_unavailable()
+    return _record(200, record, **shown)

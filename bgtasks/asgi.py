@@ -71,7 +71,8 @@ class BackgroundMiddleware:
     or async; ``action`` is ``"read"`` or ``"cancel"``) may refuse a status
     request, which then answers 404; ``request`` is a
     ``starlette.requests.Request``, or the raw ASGI scope when Starlette is not
-    installed. ``include_result=False`` leaves ``result`` out of the status JSON.
+    installed. ``include_result=False`` leaves ``result`` out of the status JSON;
+    ``include_error_message=False`` hides error messages (they may carry secrets).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class BackgroundMiddleware:
         status_prefix: str = DEFAULT_PREFIX,
         authorize: Authorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         if runtime is not None and not isinstance(runtime, Runtime):
             msg = f"runtime must be a bgtasks.Runtime, got {type(runtime).__name__}."
@@ -96,7 +98,10 @@ class BackgroundMiddleware:
         self._owns_runtime = runtime is None
         self.runtime = runtime if runtime is not None else Runtime()
         self.routes = _http.Router(
-            prefix=status_prefix, authorize=authorize, include_result=include_result
+            prefix=status_prefix,
+            authorize=authorize,
+            include_result=include_result,
+            include_error_message=include_error_message,
         )
         # "lifespan": a lifespan started self.runtime on the server's asyncio loop.
         # None: no lifespan runs it; it starts on its own loop thread when first used.

@@ -131,7 +131,8 @@ class BgTasks:
     too), else ``"/_bgtasks/tasks"``. ``authorize(request, record, action)``, a
     sync callable run in the status request's context, may refuse a read or a
     cancel (the client gets 404). ``include_result``: whether the status JSON
-    carries results.
+    carries results; ``include_error_message``: whether it carries error
+    messages (they may carry secrets).
     """
 
     def __init__(
@@ -142,11 +143,13 @@ class BgTasks:
         status_prefix: str | Literal[_Default.FROM_CONFIG] | None = _FROM_CONFIG,
         authorize: FlaskAuthorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         self._runtime = runtime
         self._status_prefix = status_prefix
         self._authorize = authorize
         self._include_result = include_result
+        self._include_error_message = include_error_message
         if app is not None:
             self.init_app(app)
 
@@ -164,6 +167,7 @@ class BgTasks:
             prefix=_http.DEFAULT_PREFIX if prefix is None else prefix,
             authorize=self._authorize,
             include_result=self._include_result,
+            include_error_message=self._include_error_message,
         )
         middleware = _FlaskMiddleware(app, runtime=runtime, routes=routes, serves=serves)
         app.wsgi_app = middleware  # type: ignore[method-assign]

@@ -54,7 +54,8 @@ class BackgroundMiddleware:
     None to serve no status routes. ``authorize(environ, record, action)``, a
     sync callable, may refuse a read or a cancel (the client then gets 404);
     by default anyone who knows a task's id may read and cancel it.
-    ``include_result``: whether the status JSON carries the task's result.
+    ``include_result``: whether the status JSON carries the task's result;
+    ``include_error_message``: whether it carries error messages (they may carry secrets).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class BackgroundMiddleware:
         status_prefix: str | None = DEFAULT_PREFIX,
         authorize: WSGIAuthorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         self.app = app
         self.runtime = runtime if runtime is not None else Runtime()
@@ -72,7 +74,10 @@ class BackgroundMiddleware:
             None
             if status_prefix is None
             else _http.Router(
-                prefix=status_prefix, authorize=authorize, include_result=include_result
+                prefix=status_prefix,
+                authorize=authorize,
+                include_result=include_result,
+                include_error_message=include_error_message,
             )
         )
         self._host = host_for(self.runtime)
