@@ -47,7 +47,12 @@ from .stores.memory import MemoryStore
 if TYPE_CHECKING:
     from ._task import TaskHandle
 
-__all__ = ["BackgroundMiddleware", "accepted_response", "document_background_routes"]
+__all__ = [
+    "BackgroundMiddleware",
+    "accepted_response",
+    "document_background_routes",
+    "stop_runtime",
+]
 
 logger = logging.getLogger("bgtasks")
 
@@ -243,10 +248,7 @@ class BackgroundMiddleware:
         it was still shutting down after ``timeout`` seconds. Call it from
         outside the event loop (a lifespan's runtime is drained by the lifespan).
         """
-        autostart = self.runtime.autostart
-        if isinstance(autostart, _Autostart):
-            return autostart.host.stop(timeout)
-        return True
+        return stop_runtime(self.runtime, timeout)
 
     # ------------------------------------------------------------------ lifespan
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -360,6 +362,21 @@ class BackgroundMiddleware:
         if rt._state == "started" and isinstance(rt.autostart, _Autostart):
             return rt, rt.autostart.host  # your runtime, already on its own thread
         return rt, None
+
+
+def stop_runtime(runtime: Runtime, timeout: float | None = None) -> bool:
+    """Drain and stop ``runtime`` now if it runs on its own thread (no lifespan ran it).
+
+    For tests that use ``TestClient(app)`` without ``with`` or
+    ``httpx.ASGITransport`` and want every task finished at a point; the
+    process exit does it by itself. Returns False if it was still shutting
+    down after ``timeout`` seconds; True at once for a runtime no thread runs.
+    Call it from outside the runtime's own thread.
+    """
+    autostart = runtime.autostart
+    if isinstance(autostart, _Autostart):
+        return autostart.host.stop(timeout)
+    return True
 
 
 class _Autostart:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,7 @@ from fastapi import FastAPI
 from flask import Flask, g, has_request_context, request, stream_with_context
 
 import bgtasks
-from bgtasks._loopthread import host_for
-from bgtasks.asgi import BackgroundMiddleware
+from bgtasks.asgi import BackgroundMiddleware, stop_runtime
 from bgtasks.flask import BgTasks
 
 with warnings.catch_warnings():
@@ -111,7 +111,7 @@ def test_testclient_without_with_answers_202_on_every_request() -> None:
         assert status.status_code == 200 and status.json()["result"] == 0
         assert client.get("/plain").json() == {"hello": "world"}
     finally:
-        assert host_for(rt).stop(WAIT)
+        assert stop_runtime(rt, WAIT)
 
 
 def test_asgi_transport_from_several_asyncio_runs() -> None:
@@ -131,7 +131,7 @@ def test_asgi_transport_from_several_asyncio_runs() -> None:
         ids = [asyncio.run(one_test(n)) for n in range(3)]
         assert [finished(rt, i).result for i in ids] == [0, 1, 2]
     finally:
-        assert host_for(rt).stop(WAIT)
+        assert stop_runtime(rt, WAIT)
 
 
 def test_a_lifespan_after_requests_without_one_gets_a_fresh_runtime() -> None:
@@ -191,7 +191,7 @@ def test_trio_background_routes_run_on_their_own_loop_thread() -> None:
         trio.run(main)
         assert [finished(rt, i).result for i in ids] == [0, 1, 30]
     finally:
-        assert host_for(rt).stop(WAIT)
+        assert stop_runtime(rt, WAIT)
 
 
 def test_trio_lifespan_runs_the_runtime_on_its_own_thread() -> None:
@@ -327,6 +327,36 @@ def test_flask_streamed_responses_under_a_real_server() -> None:
             assert (r.status_code, r.text) == (200, want), (path, srv.output())
         output = srv.output()
     assert "Traceback" not in output, output
+
+
+def test_flask_routes_that_do_not_use_bgtasks_start_nothing() -> None:
+    app = Flask("plain")
+    BgTasks(app)
+    rules = {rule.rule for rule in app.url_map.iter_rules()}
+
+    @app.get("/hello")
+    def hello() -> str:
+        return "hello"
+
+    before = set(loop_threads())
+    assert {rule.rule for rule in app.url_map.iter_rules()} == rules | {"/hello"}
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/hello").get_data(as_text=True) == "hello"
+    assert not app.extensions["bgtasks"].runtime.started
+    assert set(loop_threads()) == before
+
+
+def test_a_flask_app_with_bgtasks_is_freed_by_reference_counting() -> None:
+    gc.disable()
+    try:
+        app = Flask("refcount")
+        BgTasks(app)
+        weak = weakref.ref(app)
+        del app
+        assert weak() is None
+    finally:
+        gc.enable()
 
 
 # ----------------------------------------------------------------- 4. Flask app factories
