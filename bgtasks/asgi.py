@@ -107,6 +107,7 @@ class BackgroundMiddleware:
         # None: no lifespan runs it; it starts on its own loop thread when first used.
         self._mode: str | None = None
         self._prepared = False
+        self._warned_wrong_loop = False
         self._hosted(self.runtime)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,12 +126,14 @@ class BackgroundMiddleware:
             await self.app(scope, receive, send)
 
     # ------------------------------------------------------------------ requests
-    def _runtime_for_request(self, scope: Scope) -> Runtime:
+    def _runtime_for_request(self, scope: Scope) -> Runtime | None:
+        """The runtime a request gets; None when it cannot have one (see ``_wrong_loop``)."""
         rt = self.runtime
         if self._mode == "lifespan":
             loop = rt._loop
             if loop is not _get_running_loop() and loop is not None and not loop.is_running():
                 self._wrong_loop()
+                return None
             return rt
         if not self._prepared:
             self._prepared = True
@@ -152,20 +155,30 @@ class BackgroundMiddleware:
             # A dropped app (a test's app factory) lets its runtime and thread go.
             weakref.finalize(self, host.release).atexit = False
 
-    @staticmethod
-    def _wrong_loop() -> None:
-        msg = (
-            "this request runs on another event loop than the one the ASGI lifespan "
-            "started the bgtasks runtime on, and that loop is not running, so no task "
-            "could run. Serve requests on the loop that ran the lifespan (for example, "
-            "enter `asgi_lifespan.LifespanManager(app)` in the same event loop as the "
-            "requests), or do not run the lifespan: the runtime then starts on its own "
+    def _wrong_loop(self) -> None:
+        """The lifespan started the runtime on an event loop that is not running, and
+        this request runs on another one (in the same thread): no task could run.
+        The request goes to the app untouched, with no active runtime."""
+        if self._warned_wrong_loop:
+            return
+        self._warned_wrong_loop = True
+        logger.warning(
+            "bgtasks: a request runs on another event loop than the one the ASGI lifespan "
+            "started the runtime on, and that loop is not running, so no task could run: "
+            "requests get no active runtime. Serve requests on the loop that ran the "
+            "lifespan (enter asgi_lifespan.LifespanManager(app) in the same event loop as "
+            "the requests), or do not run the lifespan: the runtime then starts on its own "
             "thread."
         )
-        raise RuntimeError(msg)
 
     async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rt = self.runtime if self._mode == "lifespan" else self._runtime_for_request(scope)
+        rt = self.runtime
+        if self._mode != "lifespan" or rt._loop is not _get_running_loop():
+            found = self._runtime_for_request(scope)
+            if found is None:
+                await self.app(scope, receive, send)
+                return
+            rt = found
         root_path: str = scope.get("root_path", "")
         path: str = scope["path"]
         if root_path and path.startswith(root_path):

@@ -155,6 +155,44 @@ def test_a_lifespan_after_requests_without_one_gets_a_fresh_runtime() -> None:
     assert first["id"] != second["id"] != third["id"]
 
 
+def test_a_lifespan_on_a_loop_that_stopped_leaves_requests_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lifespan ran on loop A, which is not running; requests come on loop B."""
+    from asgi_lifespan import LifespanManager
+
+    app, rt = fastapi_app()
+    loop_a = asyncio.new_event_loop()
+    started: asyncio.Future[None] = loop_a.create_future()
+    release: asyncio.Future[None] = loop_a.create_future()
+
+    async def hold() -> None:
+        async with LifespanManager(app):
+            started.set_result(None)
+            await release
+
+    task = loop_a.create_task(hold())
+    loop_a.run_until_complete(started)
+    try:
+        assert rt.started
+
+        async def requests_on_loop_b() -> None:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for _ in range(2):
+                    assert (await client.get("/plain")).json() == {"hello": "world"}
+
+        with caplog.at_level(logging.WARNING, logger="bgtasks"):
+            asyncio.run(requests_on_loop_b())
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "another event loop" in warned[0], warned
+    finally:
+        release.set_result(None)
+        loop_a.run_until_complete(task)
+        loop_a.close()
+    assert not rt.started
+
+
 # ------------------------------------------------------------------------------- 2. trio
 def test_trio_plain_routes_pass_through() -> None:
     trio = pytest.importorskip("trio")
