@@ -232,6 +232,38 @@ def test_trio_background_routes_run_on_their_own_loop_thread() -> None:
         assert stop_runtime(rt, WAIT)
 
 
+@bgtasks.background(durable=True)
+async def durable_plus_one(n: int) -> int:
+    return n + 1
+
+
+def test_trio_durable_and_keyed_background_routes(tmp_path: Path) -> None:
+    trio = pytest.importorskip("trio")
+    rt = bgtasks.Runtime(store=f"sqlite:///{tmp_path}/tasks.db", shutdown_grace=2.0)
+    app = FastAPI()
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    app.post("/durable")(durable_plus_one)
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = await client.post("/durable", params={"n": 1})
+            assert first.status_code == 202, first.text
+            keyed = [
+                (await client.post("/durable", params={"n": 2}, headers={"Idempotency-Key": "k"}))
+                for _ in range(2)
+            ]
+            got.update(first=first.json()["id"], keyed=[r.json()["id"] for r in keyed])
+
+    try:
+        trio.run(main)
+        assert got["keyed"][0] == got["keyed"][1]
+        assert finished(rt, got["first"]).result == 2
+    finally:
+        assert stop_runtime(rt, WAIT)
+
+
 def test_trio_lifespan_runs_the_runtime_on_its_own_thread() -> None:
     trio = pytest.importorskip("trio")
     from asgi_lifespan import LifespanManager
