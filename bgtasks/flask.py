@@ -445,7 +445,10 @@ def _serve_route(**_: Any) -> flask.Response:
     routes = state.routes
     method = request.method
     query = request.query_string.decode("latin-1")
-    found = routes.dispatch(state.runtime, method, request.path, query)
+    rt = state.runtime
+    if rt._state == "new":  # nothing scheduled yet in this process: start it to look
+        rt = state.middleware._host.ensure_started()
+    found = routes.dispatch(rt, method, request.path, query)
     authorize = routes.authorize
 
     def decide(ask: _http.Ask) -> bool:
