@@ -28,6 +28,7 @@ from ._task import Progress as Progress
 from ._task import TaskHandle as TaskHandle
 from ._task import TaskRecord as TaskRecord
 from ._task import TaskStatus as TaskStatus
+from ._watch import WatchConfig as WatchConfig
 
 __all__ = [
     "BackgroundFunction",
@@ -51,6 +52,7 @@ __all__ = [
     "UnhandledRejectionEvent",
     "UnloadReason",
     "WallClockLimitExceeded",
+    "WatchConfig",
     "WorkerCrashed",
     "background",
     "current_task",

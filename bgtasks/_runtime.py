@@ -44,6 +44,7 @@ from ._ids import new_id
 from ._limits import NO_LIMITS, Limits, parse_size
 from ._task import FINISHED, ErrorInfo, TaskHandle, TaskRecord, TaskStatus
 from ._threads import ThreadPool
+from ._watch import Hub
 
 if TYPE_CHECKING:
     from .stores import Store
@@ -226,6 +227,7 @@ class Runtime:
 
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
         self._registry: dict[str, TaskHandle] = {}  # every known task, until it expires
+        self._hub = Hub()  # change notifications for push (bgtasks._watch)
         # Ids of finished tasks, oldest first (their handles hold the times): ids,
         # not (time, id) tuples, so a finished task adds no object for the GC.
         self._finished: collections.deque[str] = collections.deque()
@@ -617,6 +619,8 @@ class Runtime:
                 t._status = "running"
                 t._attempts = 1
                 t._started_at = _now()
+                if self._hub.active:
+                    self._hub.notify(t._id)
                 result = await work
                 self._succeed(t, result)
             else:
@@ -663,6 +667,8 @@ class Runtime:
         if t._x is not None:
             t._x.stop_exc = None
         self.store.save(t)
+        if self._hub.active:
+            self._hub.notify(t._id)
 
     async def _attempt(self, t: TaskHandle, spec: Spec) -> Any:
         limits = spec.limits
@@ -817,6 +823,8 @@ class Runtime:
         t._status = "failed"
         t._finished_at = _now()
         self.store.save(t)
+        if self._hub.active:
+            self._hub.notify(t._id)
         handlers = self._handlers["unhandledrejection"]
         event = UnhandledRejectionEvent(t.record, exc)
         try:
@@ -859,6 +867,8 @@ class Runtime:
         else:
             self._registry.pop(t._id, None)
         self._unfinished -= 1
+        if self._hub.active:
+            self._hub.notify(t._id)
         if not self._unfinished and self._idle_waiters and not self._foreign:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
@@ -918,6 +928,8 @@ class Runtime:
                 t._attempts = 1
                 t._started_at = _now()
                 slot.arm()
+        if run and self._hub.active:
+            self._hub.notify(t._id)
         if not run:  # cancelled before it started
             if self._claim(t):
                 self._finish_direct(t, "cancelled", None)
@@ -992,6 +1004,8 @@ class Runtime:
                     self._registry.pop(finished.popleft(), None)
         else:
             self._registry.pop(t._id, None)
+        if self._hub.active:
+            self._hub.notify(t._id)
         if (callbacks or wake) and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 self._loop.call_soon_threadsafe(self._after_direct, t, callbacks)

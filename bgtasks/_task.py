@@ -147,6 +147,8 @@ class TaskHandle:
     def _report_progress(self, done: float, total: float | None, message: str | None) -> None:
         self._progress = Progress(done=done, total=total, message=message)
         self._rt.store.save(self)
+        if self._rt._hub.active:
+            self._rt._hub.notify(self._id)
 
     def cancel(self) -> bool:
         """Cancel the task; False if it had already finished."""

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import _context
+from ._dashboard import DEFAULT_DASHBOARD_PREFIX, DashboardRoutes
 from ._errors import RegistryFull, RuntimeNotActive
 from ._http import (
     DEFAULT_PREFIX,
@@ -32,6 +33,8 @@ from ._http import (
     overloaded,
 )
 from ._runtime import Runtime
+from ._watch import DEFAULT_WATCH, WatchConfig
+from ._watch_routes import Watch
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -64,6 +67,12 @@ class BackgroundMiddleware:
     request, which then answers 404; ``request`` is a
     ``starlette.requests.Request``, or the raw ASGI scope when Starlette is not
     installed. ``include_result=False`` leaves ``result`` out of the status JSON.
+
+    ``GET <status_url>?wait=N`` and ``GET <status_url>/events`` push a task's
+    changes (``watch``: a ``bgtasks.WatchConfig`` with their bounds).
+    ``dashboard(request) -> bool`` (sync or async) turns on the dashboard and
+    its API under ``dashboard_prefix`` for the requests it answers True;
+    ``dashboard_read_only=True`` hides and refuses its Cancel.
     """
 
     def __init__(
@@ -74,6 +83,10 @@ class BackgroundMiddleware:
         status_prefix: str = DEFAULT_PREFIX,
         authorize: Authorize | None = None,
         include_result: bool = True,
+        dashboard: Callable[[Any], bool | Awaitable[bool]] | None = None,
+        dashboard_read_only: bool = False,
+        dashboard_prefix: str = DEFAULT_DASHBOARD_PREFIX,
+        watch: WatchConfig | None = None,
     ) -> None:
         if runtime is not None and not isinstance(runtime, Runtime):
             msg = f"runtime must be a bgtasks.Runtime, got {type(runtime).__name__}."
@@ -90,6 +103,16 @@ class BackgroundMiddleware:
         self.routes = StatusRoutes(
             prefix=status_prefix, authorize=authorize, include_result=include_result
         )
+        board = None
+        if dashboard is not None:
+            board = DashboardRoutes(
+                dashboard,
+                prefix=dashboard_prefix,
+                read_only=dashboard_read_only,
+                include_result=include_result,
+                live="sse",
+            )
+        self.watch = Watch(status=self.routes, dashboard=board, config=watch or DEFAULT_WATCH)
         # True once a lifespan or a first request has started the runtime.
         self._ready = False
         self._lazy = False
@@ -120,6 +143,9 @@ class BackgroundMiddleware:
         path: str = scope["path"]
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
+        if self.watch.match(path, scope.get("query_string", b"")) is not None:
+            await self._watch(scope, receive, send, rt, path)
+            return
         task_id = self.routes.match(path)
         if task_id is not None:
             await self._status(scope, receive, send, rt, task_id)
@@ -137,6 +163,24 @@ class BackgroundMiddleware:
         finally:
             _context.responder.reset(responder_token)
             _context.active_runtime.reset(rt_token)
+
+    async def _watch(
+        self, scope: Scope, receive: Receive, send: Send, rt: Runtime, path: str
+    ) -> None:
+        """Push (``?wait=N``, ``/events``) and the dashboard: see ``bgtasks._watch_routes``."""
+
+        async def authorize(record: TaskRecord) -> bool | Reply:
+            return await self._authorize(scope, receive, record, "GET")
+
+        def request() -> Any:
+            try:
+                from starlette.requests import Request
+            except ImportError:
+                return scope
+            return Request(scope, receive)
+
+        hook = authorize if self.routes.authorize is not None else None
+        await self.watch.asgi(rt, scope, receive, send, path, authorize=hook, request=request)
 
     async def _status(
         self, scope: Scope, receive: Receive, send: Send, rt: Runtime, task_id: str

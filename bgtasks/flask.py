@@ -52,8 +52,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(msg) from exc
 
 from . import _http
+from ._dashboard import DEFAULT_DASHBOARD_PREFIX
 from ._errors import RegistryFull
 from ._runtime import Runtime, is_async_callable
+from ._watch import WatchConfig
+from ._watch_routes import Watch
 from .wsgi import BackgroundMiddleware, call_authorize
 
 if TYPE_CHECKING:
@@ -124,7 +127,11 @@ class BgTasks:
     too), else ``"/_bgtasks/tasks"``. ``authorize(request, record, action)``, a
     sync callable run in the status request's context, may refuse a read or a
     cancel (the client gets 404). ``include_result``: whether the status JSON
-    carries results.
+    carries results. ``<status_url>?wait=N`` and ``<status_url>/events`` push a
+    task's changes (bounded by ``watch``, a ``bgtasks.WatchConfig``).
+    ``dashboard(request) -> bool``, sync, run in the request's context, turns
+    on the dashboard under ``dashboard_prefix``; ``dashboard_read_only=True``
+    hides and refuses its Cancel.
     """
 
     def __init__(
@@ -135,7 +142,17 @@ class BgTasks:
         status_prefix: str | Literal[_Default.FROM_CONFIG] | None = _FROM_CONFIG,
         authorize: FlaskAuthorize | None = None,
         include_result: bool = True,
+        dashboard: Callable[[Any], bool] | None = None,
+        dashboard_read_only: bool = False,
+        dashboard_prefix: str = DEFAULT_DASHBOARD_PREFIX,
+        watch: WatchConfig | None = None,
     ) -> None:
+        self._watch_options: dict[str, Any] = {
+            "dashboard": dashboard,
+            "dashboard_read_only": dashboard_read_only,
+            "dashboard_prefix": dashboard_prefix,
+            "watch": watch,
+        }
         self._runtime = runtime
         self._status_prefix = status_prefix
         self._authorize = authorize
@@ -158,7 +175,15 @@ class BgTasks:
             authorize=self._authorize,
             include_result=self._include_result,
         )
-        middleware = _FlaskMiddleware(app.wsgi_app, runtime=runtime, routes=routes)
+        middleware = _FlaskMiddleware(
+            app.wsgi_app,
+            runtime=runtime,
+            routes=routes,
+            flask_app=app,
+            serves_status=serves,
+            include_result=self._include_result,
+            **self._watch_options,
+        )
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves)
         if serves:
@@ -206,10 +231,31 @@ class _FlaskMiddleware(BackgroundMiddleware):
     """The WSGI middleware without its own status routes: Flask serves them."""
 
     def __init__(
-        self, app: WSGIApplication, *, runtime: Runtime, routes: _http.StatusRoutes
+        self,
+        app: WSGIApplication,
+        *,
+        runtime: Runtime,
+        routes: _http.StatusRoutes,
+        flask_app: flask.Flask,
+        serves_status: bool,
+        **options: Any,
     ) -> None:
-        super().__init__(app, runtime=runtime, status_prefix=None)
+        super().__init__(app, runtime=runtime, status_prefix=None, **options)
         self._flask_routes = routes
+        self._flask_app = flask_app
+        # Flask serves the status routes as a view; push on them is served here.
+        watch = self.watch
+        self.watch = Watch(
+            status=routes if serves_status else None,
+            dashboard=watch.dashboard,
+            config=watch.config,
+        )
+
+    def _call_in_request(
+        self, environ: WSGIEnvironment, fn: Callable[..., bool], hook: Any, *args: Any
+    ) -> bool:
+        with self._flask_app.request_context(environ):
+            return fn(hook, request._get_current_object(), *args)  # type: ignore[attr-defined]
 
     def _responder(self, environ: WSGIEnvironment) -> _FlaskResponder:
         return _FlaskResponder(environ.get("HTTP_IDEMPOTENCY_KEY"), self._flask_routes)

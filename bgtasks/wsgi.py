@@ -26,9 +26,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _context, _http
+from ._dashboard import DEFAULT_DASHBOARD_PREFIX, DashboardRoutes
 from ._errors import RegistryFull
 from ._loopthread import host_for
 from ._runtime import Runtime
+from ._watch import DEFAULT_WATCH, WatchConfig
+from ._watch_routes import Watch
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -54,6 +57,14 @@ class BackgroundMiddleware:
     sync callable, may refuse a read or a cancel (the client then gets 404);
     by default anyone who knows a task's id may read and cancel it.
     ``include_result``: whether the status JSON carries the task's result.
+
+    ``GET <status_url>?wait=N`` and ``GET <status_url>/events`` push a task's
+    changes; each holds a server thread while open, so ``watch`` (a
+    ``bgtasks.WatchConfig``) bounds how many may be open (503 past it).
+    ``dashboard(environ) -> bool`` turns on the dashboard and its API under
+    ``dashboard_prefix`` for the requests it answers True (it polls: no
+    thread is held per open page); ``dashboard_read_only=True`` hides and
+    refuses its Cancel.
     """
 
     def __init__(
@@ -64,6 +75,10 @@ class BackgroundMiddleware:
         status_prefix: str | None = DEFAULT_PREFIX,
         authorize: WSGIAuthorize | None = None,
         include_result: bool = True,
+        dashboard: Callable[[Any], bool] | None = None,
+        dashboard_read_only: bool = False,
+        dashboard_prefix: str = DEFAULT_DASHBOARD_PREFIX,
+        watch: WatchConfig | None = None,
     ) -> None:
         self.app = app
         self.runtime = runtime if runtime is not None else Runtime()
@@ -75,12 +90,27 @@ class BackgroundMiddleware:
             )
         )
         self._host = host_for(self.runtime)
+        board = None
+        if dashboard is not None:
+            board = DashboardRoutes(
+                dashboard,
+                prefix=dashboard_prefix,
+                read_only=dashboard_read_only,
+                include_result=include_result,
+                live="poll",
+            )
+        self.watch = Watch(status=self.routes, dashboard=board, config=watch or DEFAULT_WATCH)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rt = self._host.ensure_started()
+        path = environ.get("PATH_INFO", "")
+        if self.watch.match(path, environ.get("QUERY_STRING", "")) is not None:
+            body = self._watch(rt, environ, start_response, path)
+            if body is not None:
+                return body
         routes = self.routes
         if routes is not None:
-            task_id = routes.match(environ.get("PATH_INFO", ""))
+            task_id = routes.match(path)
             if task_id is not None:
                 return self._status(rt, routes, task_id, environ, start_response)
             environ[_PREFIX_KEY] = routes.prefix
@@ -113,6 +143,36 @@ class BackgroundMiddleware:
     def _responder(self, environ: WSGIEnvironment) -> _context.Responder | None:
         """The request's responder; plain WSGI has none (no endpoint to answer for)."""
         return None
+
+    def _watch(
+        self,
+        rt: Runtime,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        path: str,
+    ) -> Iterable[bytes] | None:
+        """Push (``?wait=N``, ``/events``) and the dashboard: see ``bgtasks._watch_routes``."""
+        status = self.watch.status
+        hook = status.authorize if status is not None else None
+        authorize = None
+        if hook is not None:
+
+            def authorize(record: TaskRecord) -> bool:
+                return self._call_in_request(environ, call_authorize, hook, record, "read")
+
+        dashboard = self.watch.dashboard
+
+        def allow() -> bool:
+            assert dashboard is not None
+            return self._call_in_request(environ, call_dashboard, dashboard.allow)
+
+        return self.watch.wsgi(rt, environ, start_response, path, authorize=authorize, allow=allow)
+
+    def _call_in_request(
+        self, environ: WSGIEnvironment, fn: Callable[..., bool], hook: Any, *args: Any
+    ) -> bool:
+        """``fn(hook, request, *args)`` with this adapter's request object (the environ)."""
+        return fn(hook, environ, *args)
 
     def _status(
         self,
@@ -179,6 +239,20 @@ def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _ht
             allowed.close()
         msg = (
             "authorize must be a plain (sync) function under WSGI and Flask: it returned "
+            "an awaitable. Define it with `def`, not `async def`."
+        )
+        raise TypeError(msg)
+    return bool(allowed)
+
+
+def call_dashboard(allow: Any, request: Any) -> bool:
+    """Run a sync ``dashboard`` callable; refuse an async one with the fix in the message."""
+    allowed = allow(request)
+    if inspect.isawaitable(allowed):
+        if inspect.iscoroutine(allowed):
+            allowed.close()
+        msg = (
+            "dashboard must be a plain (sync) function under WSGI and Flask: it returned "
             "an awaitable. Define it with `def`, not `async def`."
         )
         raise TypeError(msg)
