@@ -13,9 +13,6 @@ covers this process only (``"scope": "process"``).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import itertools
 import json
 import os
@@ -23,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
 from ._task import TaskRecord, TaskStatus
+from .stores.base import MAX_LIMIT, ListQuery, Page, decode_cursor, encode_cursor
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -39,54 +37,12 @@ __all__ = [
 ]
 
 DEFAULT_LIMIT = 50
-MAX_LIMIT = 200
 MAX_NAME = 200
 STATUSES: tuple[str, ...] = get_args(TaskStatus)
 
 
 class QueryError(ValueError):
     """A list query the client got wrong: answered with 400 and this message."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ListQuery:
-    """One page request: filters (empty means any), a page size and where to go on from."""
-
-    statuses: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()
-    limit: int = DEFAULT_LIMIT
-    #: ``(created_at, id)`` of the last task of the previous page (decoded cursor).
-    after: tuple[float, str] | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Page:
-    items: list[TaskRecord]
-    next_cursor: str | None
-
-
-def encode_cursor(created_at: float, task_id: str) -> str:
-    """An opaque cursor for "after the task ``(created_at, task_id)``"."""
-    raw = json.dumps([created_at, task_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """The ``(created_at, id)`` inside ``cursor``; ``QueryError`` if it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, task_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
-        msg = "cursor is not one this server gave; start again without it"
-        raise QueryError(msg) from None
-    if (
-        isinstance(created_at, bool)
-        or not isinstance(created_at, (int, float))
-        or not isinstance(task_id, str)
-    ):
-        msg = "cursor is not one this server gave; start again without it"
-        raise QueryError(msg)
-    return float(created_at), task_id
 
 
 def parse_list_query(params: Mapping[str, Sequence[str]]) -> ListQuery:
@@ -118,8 +74,15 @@ def parse_list_query(params: Mapping[str, Sequence[str]]) -> ListQuery:
     if len(cursors) > 1:
         msg = "give cursor at most once"
         raise QueryError(msg)
-    after = decode_cursor(cursors[0]) if cursors and cursors[0] else None
-    return ListQuery(statuses=statuses, names=names, limit=limit, after=after)
+    try:
+        return ListQuery(
+            statuses=statuses,  # type: ignore[arg-type]  # checked above
+            names=names,
+            limit=limit,
+            cursor=cursors[0] if cursors and cursors[0] else None,
+        )
+    except ValueError as exc:  # a cursor that is not one of ours
+        raise QueryError(str(exc)) from None
 
 
 def list_registry(registry: Mapping[str, Any], query: ListQuery) -> Page:
@@ -179,32 +142,30 @@ def list_tasks(runtime: Any, query: ListQuery) -> tuple[Page, str]:
     return list_registry(runtime._registry, query), "process"
 
 
-def registry_stats(registry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+def registry_stats(registry: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Counts of the tasks a runtime holds, per status and per name."""
     by_status = dict.fromkeys(STATUSES, 0)
-    by_name: dict[str, dict[str, int]] = {}
+    by_name: dict[str, int] = {}
     for key in list(registry):
         t = registry.get(key)
         if t is None:
             continue
-        status = t._status
-        by_status[status] += 1
-        counts = by_name.get(t._name)
-        if counts is None:
-            counts = by_name[t._name] = dict.fromkeys(STATUSES, 0)
-        counts[status] += 1
-    return by_status, by_name
+        by_status[t._status] += 1
+        by_name[t._name] = by_name.get(t._name, 0) + 1
+    return {"by_status": by_status, "by_name": by_name}
 
 
 def stats_payload(runtime: Any) -> dict[str, Any]:
-    """``{"by_status": {...}, "by_name": {name: {...}}, "scope", "pid"}``."""
+    """``{"by_status": {status: n}, "by_name": {name: n}, "total", "scope", "pid"}``."""
     store = runtime.store
     scope = "process"
     if getattr(store, "durable", False) and callable(getattr(store, "stats", None)):
         found = store.stats()
-        by_status, by_name = found["by_status"], found["by_name"]
         scope = "store"
     else:
-        by_status, by_name = registry_stats(runtime._registry)
+        found = registry_stats(runtime._registry)
+    by_status = {**dict.fromkeys(STATUSES, 0), **found["by_status"]}
+    by_name = found["by_name"]
     return {
         "by_status": by_status,
         "by_name": by_name,
