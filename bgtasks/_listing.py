@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, get_args
 
 from ._task import TaskRecord, TaskStatus
@@ -85,29 +85,39 @@ def parse_list_query(params: Mapping[str, Sequence[str]]) -> ListQuery:
         raise QueryError(str(exc)) from None
 
 
-def list_registry(registry: Mapping[str, Any], query: ListQuery) -> Page:
+def list_registry(registry: dict[str, Any], query: ListQuery) -> Page:
     """A page of the tasks a runtime holds (``Runtime._registry``), newest first.
 
     Newest first is the reverse of admission order (the registry's order),
     which never changes for a task, so paging on from the cursor's task sees
-    every task once. Reading from any thread is safe: the keys are copied in
-    one step (new tasks land after the copy, on earlier pages).
+    every task once. Safe from any thread: a first page reads the registry
+    as it is and starts again on a copy of its keys if another thread changed
+    it meanwhile; a later page finds its cursor's task in such a copy.
     """
+    after = query.after
+    if after is None:
+        try:
+            return _page(registry, reversed(registry), query)
+        except RuntimeError:  # "dictionary changed size during iteration"
+            pass
     keys = list(registry)  # one C-level copy: consistent, whatever other threads do
     start = len(keys)
-    after = query.after
     if after is not None:
         created, last_id = after
         try:
             start = keys.index(last_id)
         except ValueError:  # the cursor's task expired: go on by time
             start = _first_older(registry, keys, created, last_id)
+    return _page(registry, itertools.islice(reversed(keys), len(keys) - start, None), query)
+
+
+def _page(registry: Mapping[str, Any], keys: Iterator[str], query: ListQuery) -> Page:
     statuses = query.statuses
     names = query.names
     items: list[TaskRecord] = []
     last: Any = None
     more = False
-    for key in itertools.islice(reversed(keys), len(keys) - start, None):
+    for key in keys:
         t = registry.get(key)
         if t is None:
             continue

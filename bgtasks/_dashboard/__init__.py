@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -46,6 +47,10 @@ SECURITY_HEADERS: list[tuple[str, str]] = [
     ("x-frame-options", "DENY"),
     ("cache-control", "no-store"),
 ]
+
+#: Seconds the counts are reused: every open page asks for them on each change,
+#: and counting a big registry or a store's table is not free.
+STATS_TTL = 1.0
 
 _TYPES = {
     "app.js": "text/javascript; charset=utf-8",
@@ -121,6 +126,15 @@ class DashboardRoutes:
         self.read_only = bool(read_only)
         self.include_result = include_result
         self.live = live
+        self._counted: tuple[float, dict[str, Any]] | None = None
+
+    def _stats(self, runtime: Any) -> dict[str, Any]:
+        """The counts, computed at most once per ``STATS_TTL`` for every open page."""
+        now = time.monotonic()
+        counted = self._counted
+        if counted is None or now - counted[0] > STATS_TTL:
+            counted = self._counted = (now, stats_payload(runtime))
+        return counted[1]
 
     def match(self, path: str) -> str | None:
         """The part of ``path`` after the prefix ("" for the prefix itself), or None."""
@@ -169,7 +183,7 @@ class DashboardRoutes:
             page, scope = list_tasks(runtime, query)
             return _reply(200, page_payload(page, scope), "application/json")
         if sub == "/api/stats":
-            return _json(200, stats_payload(runtime))
+            return _json(200, self._stats(runtime))
         if sub == "/api/events":
             return self._stream(None)
         if sub.startswith("/api/tasks/"):
