@@ -251,6 +251,10 @@ class Runtime:
         self._memory_high = False
         self._token: contextvars.Token[Runtime | None] | None = None
         self._process_pool: Any = None
+        #: Called with no arguments by the first submission to a runtime that was never
+        #: started; an adapter with no lifespan sets it to start the runtime elsewhere
+        #: (on its own loop thread). It returns once the runtime is started, or raises.
+        self.autostart: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<bgtasks.Runtime {self._state} unfinished={self._unfinished}>"
@@ -537,6 +541,8 @@ class Runtime:
         return merged
 
     def _admit(self, name: str, work: Any, task_id: str | None = None) -> TaskHandle:
+        if self._state == "new" and self.autostart is not None:
+            self._autostart(work)
         if self._state != "started":
             if type(work) is _CoroutineType:
                 work.close()
@@ -575,6 +581,14 @@ class Runtime:
         t._work = work
         self._registry[t._id] = t
         return t
+
+    def _autostart(self, work: Any) -> None:
+        try:
+            self.autostart()  # type: ignore[misc]
+        except BaseException:
+            if type(work) is _CoroutineType:
+                work.close()
+            raise
 
     def _full(self) -> Literal["pending", "memory", ""]:
         """Why new work is refused now ("" if it is not)."""

@@ -1,25 +1,35 @@
-"""Push and dashboard routes served to ASGI and WSGI: one ``Watch`` per middleware.
+"""Push and dashboard routes: rows in the route table of ``bgtasks._http``.
 
-The adapters hand every request to ``Watch.asgi`` / ``Watch.wsgi`` first;
-they answer the requests that are theirs (``<status_url>?wait=N``,
-``<status_url>/events``, everything under the dashboard prefix) and return
-False / None for the rest. The decisions (status codes, bodies, bounds) are
-made in ``bgtasks._watch`` and ``bgtasks._dashboard``; this module only moves
-bytes in each protocol.
+``Watch.install(router)`` adds the rows: ``GET <status_url>?wait=N``,
+``GET <status_url>/events`` and, when the app turned the dashboard on, every
+path under its prefix. A handler answers a ``Reply`` as every route does, or
+a ``Push``: a reply the adapter does not send as it is but hands back to
+``Watch`` (``serve_asgi`` / ``serve_wsgi``) to wait or to stream. Who may see
+the dashboard (the app's ``dashboard`` callable) is asked by the adapter
+before the route runs, for the paths ``Watch.gated`` names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import dataclasses
+import json
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
-from typing import Any
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    MutableMapping,
+)
+from typing import Any, Literal
 
 from ._dashboard import SECURITY_HEADERS, DashboardRoutes, StreamRequest
 from ._dashboard import not_found as dashboard_not_found
-from ._http import Reply, StatusRoutes, not_found
+from ._http import Ask, Call, Reply, Route, Router, Step, not_found, task_status
 from ._ids import is_valid_id
 from ._task import TaskRecord
 from ._watch import (
@@ -35,13 +45,39 @@ from ._watch import (
     parse_wait,
 )
 
-__all__ = ["Watch"]
+__all__ = ["Push", "Watch"]
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
-#: ASGI: may this request read this task? A Reply is answered as it is.
-AsyncAuthorize = Callable[[TaskRecord], Awaitable["bool | Reply"]]
+
+_READ = frozenset(("GET", "HEAD"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Push(Reply):
+    """A route's answer that is not sent as it is: wait for the task, or stream it.
+
+    ``kind``: ``"wait"`` (long-poll ``seconds``), ``"events"`` (the task's
+    record stream) or ``"changes"`` (change events of every task).
+    """
+
+    kind: Literal["wait", "events", "changes"]
+    task_id: str | None
+    seconds: float
+    include_result: bool
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+
+def _push(
+    kind: Literal["wait", "events", "changes"],
+    task_id: str | None,
+    *,
+    include_result: bool,
+    seconds: float = 0.0,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> Push:
+    return Push(200, [], b"", kind, task_id, seconds, include_result, extra_headers)
 
 
 def _json_reply(status: int, body: bytes, extra: list[tuple[str, str]] | None = None) -> Reply:
@@ -54,150 +90,179 @@ def _json_reply(status: int, body: bytes, extra: list[tuple[str, str]] | None = 
     return Reply(status, headers, body)
 
 
-class Watch:
-    """The push routes of ``status`` and the ``dashboard`` routes, bounded together."""
+def _bad_request(message: str) -> Reply:
+    return _json_reply(400, json.dumps({"detail": message}).encode())
 
-    def __init__(
-        self,
-        *,
-        status: StatusRoutes | None,
-        dashboard: DashboardRoutes | None,
-        config: WatchConfig,
-    ) -> None:
-        self.status = status
+
+def _only(reply: Reply) -> Step:
+    """A route step that answers at once (a generator, as routes are)."""
+    return reply
+    yield  # pragma: no cover - never reached; makes this a generator
+
+
+class Watch:
+    """The push rows of a router, the dashboard's rows, and the bound they share."""
+
+    def __init__(self, *, dashboard: DashboardRoutes | None, config: WatchConfig) -> None:
         self.dashboard = dashboard
         self.config = config
         self.slots = Slots(config.max_watchers)
+        self._status_prefix: str | None = None
 
-    def match(self, path: str, query: str | bytes) -> tuple[str, str] | None:
-        """``("events" | "wait", task_id)``, ``("dashboard", rest)`` or None."""
-        if self.status is not None:
-            rest = self.status.match(path)
-            if rest is not None:
-                if rest.endswith("/events"):
-                    return "events", rest[: -len("/events")]
-                if isinstance(query, bytes):
-                    query = query.decode("latin-1")
-                if "wait=" in query:
-                    return "wait", rest
-                return None  # a plain status request: the status routes answer it
-        if self.dashboard is not None:
-            sub = self.dashboard.match(path)
-            if sub is not None:
-                return "dashboard", sub
-        return None
+    # ------------------------------------------------------------------ the table
+    def install(self, router: Router, *, status: bool = True) -> None:
+        """Add the rows to ``router``: push on its status routes (if ``status``), the dashboard."""
+        if status:
+            self._status_prefix = router.prefix
+            # Ahead of the plain status row, which answers what this one passes on.
+            router.routes.insert(0, Route(router.prefix, "/{task_id}", _READ, self._task_wait))
+            router.add(Route(router.prefix, "/{task_id}/events", _READ, self._task_events))
+        board = self.dashboard
+        if board is None:
+            return
+        prefix = board.prefix
+        for pattern, methods in (
+            ("", _READ),
+            ("/", _READ),
+            ("/static/{name}", _READ),
+            ("/api/tasks", _READ),
+            ("/api/stats", _READ),
+            ("/api/events", _READ),
+            ("/api/tasks/{task_id}", _READ),
+            ("/api/tasks/{task_id}/events", _READ),
+            ("/api/tasks/{task_id}/cancel", frozenset(("POST",))),
+        ):
+            router.add(Route(prefix, pattern, methods, self._board_route(pattern)))
+
+    def gated(self, path: str) -> bool:
+        """True for a dashboard path: the app's ``dashboard`` callable decides first."""
+        board = self.dashboard
+        if board is None or board.match(path) is None:
+            return False
+        status = self._status_prefix
+        return status is None or not (path == status or path.startswith(status + "/"))
+
+    def refused(self) -> Reply:
+        """The answer to a dashboard request the app's callable refused: as if absent."""
+        return dashboard_not_found()
+
+    def _task_wait(self, call: Call) -> Step:
+        """``GET <status_url>?wait=N``; without ``wait``, the plain status route."""
+        if "wait=" not in call.query:
+            return (yield from task_status(call))
+        values = urllib.parse.parse_qs(call.query, keep_blank_values=True).get("wait", [])
+        seconds = parse_wait(values)
+        if isinstance(seconds, str):
+            return _bad_request(seconds)
+        record = yield from self._readable(call)
+        if isinstance(record, Reply):
+            return record
+        return _push("wait", record.id, seconds=seconds, include_result=call.router.include_result)
+
+    def _task_events(self, call: Call) -> Step:
+        """``GET <status_url>/events``."""
+        record = yield from self._readable(call)
+        if isinstance(record, Reply):
+            return record
+        return _push("events", record.id, include_result=call.router.include_result)
+
+    @staticmethod
+    def _readable(call: Call) -> Generator[Ask, bool, TaskRecord | Reply]:
+        task_id = call.params["task_id"]
+        record: TaskRecord | None = call.runtime.get(task_id) if is_valid_id(task_id) else None
+        if record is None:
+            return not_found()
+        if call.router.authorize is not None:
+            allowed = yield Ask(record, "read")
+            if not allowed:
+                return not_found()  # as for the status route: a refused reader learns nothing
+        return record
+
+    def _board_route(self, pattern: str) -> Callable[[Call], Step]:
+        board = self.dashboard
+        assert board is not None
+
+        def route(call: Call) -> Step:
+            sub = pattern.format(**call.params)
+            params = urllib.parse.parse_qs(call.query, keep_blank_values=True)
+            answer = board.handle(call.runtime, call.method, sub, params, call.headers)
+            if isinstance(answer, StreamRequest):
+                kind: Literal["events", "changes"] = (
+                    "changes" if answer.task_id is None else "events"
+                )
+                answer = _push(
+                    kind,
+                    answer.task_id,
+                    include_result=board.include_result,
+                    extra_headers=tuple(SECURITY_HEADERS[:2]),
+                )
+            return (yield from _only(answer))
+
+        return route
 
     def busy(self) -> Reply:
         return _json_reply(503, busy_reply_body(self.config), [("retry-after", "5")])
 
-    def _record_reply(self, record: TaskRecord, include_result: bool) -> Reply:
-        exclude = None if include_result else {"result"}
-        return _json_reply(200, record.model_dump_json(exclude=exclude).encode())
-
     # ------------------------------------------------------------------ ASGI
-    async def asgi(
-        self,
-        runtime: Any,
-        scope: MutableMapping[str, Any],
-        receive: Receive,
-        send: Send,
-        path: str,
-        *,
-        authorize: AsyncAuthorize | None,
-        request: Callable[[], Any],
-    ) -> bool:
-        """Serve the request if it is one of ours; False if it is not."""
-        raw_query: bytes = scope.get("query_string", b"")
-        hit = self.match(path, raw_query)
-        if hit is None:
-            return False
-        kind, arg = hit
-        query = raw_query.decode("latin-1")
-        method: str = scope["method"]
-        head = method == "HEAD"
-        if kind == "dashboard":
-            await self._dashboard_asgi(runtime, scope, receive, send, arg, request)
-            return True
-        if method not in ("GET", "HEAD"):
-            await _send_reply(
-                send, Reply(405, [("allow", "GET, HEAD"), ("content-length", "0")], b"")
-            )
-            return True
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
-        seconds = parse_wait(params.get("wait", [])) if kind == "wait" else 0.0
-        if isinstance(seconds, str):
-            await _send_reply(send, _json_reply(400, _detail(seconds)), head=head)
-            return True
-        read = _async_reader(runtime, arg)
-        record = await read() if is_valid_id(arg) else None
-        if record is None:
-            await _send_reply(send, not_found(), head=head)
-            return True
-        if authorize is not None:
-            verdict = await authorize(record)
-            if isinstance(verdict, Reply):
-                await _send_reply(send, verdict, head=head)
-                return True
-            if not verdict:
-                await _send_reply(send, not_found(), head=head)
-                return True
-        assert self.status is not None
-        include_result = self.status.include_result
-        if kind == "events":
-            stream = event_stream(
-                read,
-                runtime._hub,
-                arg,
-                local=_local(runtime, arg),
-                include_result=include_result,
-                config=self.config,
-                disconnected=None,
-            )
-            await self._stream_asgi(receive, send, stream, head=head, extra=[])
-            return True
-        if not self.slots.try_take():
-            await _send_reply(send, self.busy(), head=head)
-            return True
-        disconnected = asyncio.ensure_future(_until_disconnect(receive))
-        try:
-            found = await long_poll(
-                read,
-                runtime._hub,
-                arg,
-                float(seconds),
-                local=_local(runtime, arg),
-                config=self.config,
-                disconnected=disconnected,
-            )
-        finally:
-            self.slots.give_back()
-            disconnected.cancel()
-        if found is None:
-            await _send_reply(send, not_found(), head=head)
-        else:
-            await _send_reply(send, self._record_reply(found, include_result), head=head)
-        return True
-
-    async def _stream_asgi(
-        self,
-        receive: Receive,
-        send: Send,
-        stream: AsyncIterator[bytes],
-        *,
-        head: bool,
-        extra: list[tuple[str, str]],
+    async def serve_asgi(
+        self, runtime: Any, push: Push, receive: Receive, send: Send, *, head: bool
     ) -> None:
-        """Send ``stream`` as ``text/event-stream``; stop at once when the client leaves."""
+        """Wait or stream for ``push``, never blocking the event loop."""
         if not self.slots.try_take():
-            await stream.aclose()  # type: ignore[attr-defined]
             await _send_reply(send, self.busy(), head=head)
             return
         disconnected = asyncio.ensure_future(_until_disconnect(receive))
         try:
-            headers = [
-                (k.encode("latin-1"), v.encode("latin-1")) for k, v in [*SSE_HEADERS, *extra]
-            ]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if push.kind == "wait":
+                assert push.task_id is not None
+                found = await long_poll(
+                    _async_reader(runtime, push.task_id),
+                    runtime._hub,
+                    push.task_id,
+                    push.seconds,
+                    local=_local(runtime, push.task_id),
+                    config=self.config,
+                    disconnected=disconnected,
+                )
+                reply = not_found() if found is None else _record_reply(found, push)
+                await _send_reply(send, reply, head=head)
+                return
+            await self._stream_asgi(runtime, push, send, disconnected, head=head)
+        finally:
+            disconnected.cancel()
+            self.slots.give_back()
+
+    async def _stream_asgi(
+        self,
+        runtime: Any,
+        push: Push,
+        send: Send,
+        disconnected: asyncio.Future[None],
+        *,
+        head: bool,
+    ) -> None:
+        stream: AsyncIterator[bytes]
+        if push.kind == "changes":
+            stream = change_stream(runtime._hub, config=self.config)
+        else:
+            assert push.task_id is not None
+            stream = event_stream(
+                _async_reader(runtime, push.task_id),
+                runtime._hub,
+                push.task_id,
+                local=_local(runtime, push.task_id),
+                include_result=push.include_result,
+                config=self.config,
+            )
+        headers = [*SSE_HEADERS, *push.extra_headers]
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                }
+            )
             if not head:
                 async for chunk in _until(stream, disconnected):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -205,139 +270,58 @@ class Watch:
         except OSError:  # the client is gone (a server that raises on send)
             pass
         finally:
-            disconnected.cancel()
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]
-            self.slots.give_back()
-
-    async def _dashboard_asgi(
-        self,
-        runtime: Any,
-        scope: MutableMapping[str, Any],
-        receive: Receive,
-        send: Send,
-        sub: str,
-        request: Callable[[], Any],
-    ) -> None:
-        dashboard = self.dashboard
-        assert dashboard is not None
-        method: str = scope["method"]
-        head = method == "HEAD"
-        if not await _allowed_async(dashboard.allow, request()):
-            await _send_reply(send, dashboard_not_found(), head=head)
-            return
-        query = scope.get("query_string", b"").decode("latin-1")
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        import anyio.to_thread
-
-        # Listing a store or counting a big registry: off the event loop.
-        answer = await anyio.to_thread.run_sync(
-            dashboard.handle, runtime, method, sub, params, headers
-        )
-        if isinstance(answer, Reply):
-            await _send_reply(send, answer, head=head)
-            return
-        stream = self._dashboard_stream(runtime, answer)
-        await self._stream_asgi(receive, send, stream, head=head, extra=SECURITY_HEADERS[:2])
-
-    def _dashboard_stream(self, runtime: Any, want: StreamRequest) -> AsyncIterator[bytes]:
-        assert self.dashboard is not None
-        if want.task_id is None:
-            return change_stream(runtime._hub, config=self.config)
-        return event_stream(
-            _async_reader(runtime, want.task_id),
-            runtime._hub,
-            want.task_id,
-            local=_local(runtime, want.task_id),
-            include_result=self.dashboard.include_result,
-            config=self.config,
-        )
 
     # ------------------------------------------------------------------ WSGI
-    def wsgi(
-        self,
-        runtime: Any,
-        environ: MutableMapping[str, Any],
-        start_response: Callable[..., Any],
-        path: str,
-        *,
-        authorize: Callable[[TaskRecord], bool] | None,
-        allow: Callable[[], bool],
-    ) -> Iterable[bytes] | None:
-        """Serve the request if it is one of ours; None if it is not.
+    def serve_wsgi(self, runtime: Any, push: Push, *, head: bool) -> tuple[Reply, Iterable[bytes]]:
+        """Wait (holding this server thread) or open a stream for ``push``.
 
-        ``allow()`` asks the app's ``dashboard`` callable about this request.
+        Returns the reply to start with and the body to send; a stream's body
+        gives its slot back when the server closes it.
         """
-        query = environ.get("QUERY_STRING", "")
-        hit = self.match(path, query)
-        if hit is None:
-            return None
-        kind, arg = hit
-        method = environ.get("REQUEST_METHOD", "GET")
-        head = method == "HEAD"
-        if kind == "dashboard":
-            dashboard = self.dashboard
-            assert dashboard is not None
-            if not allow():
-                return _wsgi_reply(start_response, dashboard_not_found(), head)
-            params = urllib.parse.parse_qs(query, keep_blank_values=True)
-            headers = _wsgi_headers(environ)
-            answer = dashboard.handle(runtime, method, arg, params, headers)
-            if isinstance(answer, Reply):
-                return _wsgi_reply(start_response, answer, head)
-            return _wsgi_reply(start_response, dashboard_not_found(), head)  # no streams: it polls
-        if method not in ("GET", "HEAD"):
-            reply = Reply(405, [("allow", "GET, HEAD"), ("content-length", "0")], b"")
-            return _wsgi_reply(start_response, reply, head)
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
-        seconds = parse_wait(params.get("wait", [])) if kind == "wait" else 0.0
-        if isinstance(seconds, str):
-            return _wsgi_reply(start_response, _json_reply(400, _detail(seconds)), head)
+        if push.kind == "changes" or push.task_id is None:
+            # Under WSGI the page polls: a stream of every change would hold a thread per tab.
+            return dashboard_not_found(), []
+        if not self.slots.try_take():
+            reply = self.busy()
+            return reply, [] if head else [reply.body]
+        task_id = push.task_id
 
         def read() -> TaskRecord | None:
-            found: TaskRecord | None = runtime.get(arg)
+            found: TaskRecord | None = runtime.get(task_id)
             return found
 
-        record = read() if is_valid_id(arg) else None
-        if record is None:
-            return _wsgi_reply(start_response, not_found(), head)
-        if authorize is not None and not authorize(record):
-            return _wsgi_reply(start_response, not_found(), head)
-        assert self.status is not None
-        include_result = self.status.include_result
-        if not self.slots.try_take():
-            return _wsgi_reply(start_response, self.busy(), head)
-        if kind == "wait":
+        if push.kind == "wait":
             try:
                 found = long_poll_sync(
                     read,
                     runtime._hub,
-                    arg,
-                    float(seconds),
-                    local=_local(runtime, arg),
+                    task_id,
+                    push.seconds,
+                    local=_local(runtime, task_id),
                     config=self.config,
                 )
             finally:
                 self.slots.give_back()
-            reply = not_found() if found is None else self._record_reply(found, include_result)
-            return _wsgi_reply(start_response, reply, head)
-        start_response("200 OK", list(SSE_HEADERS))
+            reply = not_found() if found is None else _record_reply(found, push)
+            return reply, [] if head else [reply.body]
+        reply = Reply(200, [*SSE_HEADERS, *push.extra_headers], b"")
         if head:
             self.slots.give_back()
-            return []
+            return reply, []
         stream = event_stream_sync(
             read,
             runtime._hub,
-            arg,
-            local=_local(runtime, arg),
-            include_result=include_result,
+            task_id,
+            local=_local(runtime, task_id),
+            include_result=push.include_result,
             config=self.config,
         )
-        return _SlotBody(stream, self.slots)
+        return reply, SlotBody(stream, self.slots)
 
 
-class _SlotBody:
+class SlotBody:
     """A streamed WSGI body that gives its slot back when the server closes it.
 
     (A generator the server never started would not run its ``finally``.)
@@ -365,10 +349,9 @@ class _SlotBody:
             self._slots.give_back()
 
 
-def _detail(message: str) -> bytes:
-    import json
-
-    return json.dumps({"detail": message}).encode()
+def _record_reply(record: TaskRecord, push: Push) -> Reply:
+    exclude = None if push.include_result else {"result"}
+    return _json_reply(200, record.model_dump_json(exclude=exclude).encode())
 
 
 def _local(runtime: Any, task_id: str) -> Callable[[], bool]:
@@ -420,48 +403,19 @@ async def _until(stream: AsyncIterator[bytes], stop: asyncio.Future[None]) -> As
             return
 
 
-async def _allowed_async(allow: Callable[[Any], Any], request: Any) -> bool:
-    if inspect.iscoroutinefunction(allow) or inspect.iscoroutinefunction(
-        getattr(allow, "__call__", None)  # noqa: B004
-    ):
-        return bool(await allow(request))
-    import anyio.to_thread
-
-    verdict = await anyio.to_thread.run_sync(allow, request)
-    if inspect.isawaitable(verdict):
-        verdict = await verdict
-    return bool(verdict)
-
-
 async def _send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else reply.body})
 
 
-def _wsgi_reply(start_response: Callable[..., Any], reply: Reply, head: bool) -> list[bytes]:
-    start_response(f"{reply.status} {_reason(reply.status)}", list(reply.headers))
-    return [] if head else [reply.body]
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI headers as a dict with lower-case names (the last of repeated ones)."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
 
 
-_REASONS = {
-    200: "OK",
-    202: "Accepted",
-    308: "Permanent Redirect",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    503: "Service Unavailable",
-}
-
-
-def _reason(status: int) -> str:
-    return _REASONS.get(status, "")
-
-
-def _wsgi_headers(environ: MutableMapping[str, Any]) -> dict[str, str]:
+def environ_headers(environ: MutableMapping[str, Any]) -> dict[str, str]:
+    """A WSGI environ's request headers, lower-case names with dashes."""
     headers = {
         key[5:].replace("_", "-").lower(): value
         for key, value in environ.items()

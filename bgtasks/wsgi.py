@@ -19,9 +19,9 @@ makes a ``@background`` view answer 202 by itself.)
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from ._errors import RegistryFull
 from ._loopthread import host_for
 from ._runtime import Runtime
 from ._watch import DEFAULT_WATCH, WatchConfig
-from ._watch_routes import Watch
+from ._watch_routes import Push, Watch, environ_headers
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -62,7 +62,7 @@ class BackgroundMiddleware:
     changes; each holds a server thread while open, so ``watch`` (a
     ``bgtasks.WatchConfig``) bounds how many may be open (503 past it).
     ``dashboard(environ) -> bool`` turns on the dashboard and its API under
-    ``dashboard_prefix`` for the requests it answers True (it polls: no
+    ``dashboard_prefix`` for the requests it answers True (the page polls: no
     thread is held per open page); ``dashboard_read_only=True`` hides and
     refuses its Cancel.
     """
@@ -82,14 +82,6 @@ class BackgroundMiddleware:
     ) -> None:
         self.app = app
         self.runtime = runtime if runtime is not None else Runtime()
-        self.routes = (
-            None
-            if status_prefix is None
-            else _http.StatusRoutes(
-                prefix=status_prefix, authorize=authorize, include_result=include_result
-            )
-        )
-        self._host = host_for(self.runtime)
         board = None
         if dashboard is not None:
             board = DashboardRoutes(
@@ -99,20 +91,33 @@ class BackgroundMiddleware:
                 include_result=include_result,
                 live="poll",
             )
-        self.watch = Watch(status=self.routes, dashboard=board, config=watch or DEFAULT_WATCH)
+        self.watch = Watch(dashboard=board, config=watch or DEFAULT_WATCH)
+        self.routes = (
+            None
+            if status_prefix is None and board is None
+            else _http.Router(
+                prefix=DEFAULT_PREFIX if status_prefix is None else status_prefix,
+                authorize=authorize,
+                include_result=include_result,
+            )
+        )
+        if self.routes is not None:
+            if status_prefix is None:  # the dashboard's rows only
+                self.routes.routes.clear()
+                self.routes.mounts.clear()
+            self.watch.install(self.routes, status=status_prefix is not None)
+        self._host = host_for(self.runtime)
+        if runtime is None:
+            # A dropped app (a test's app factory) lets its runtime and thread go.
+            weakref.finalize(self, self._host.release).atexit = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rt = self._host.ensure_started()
-        path = environ.get("PATH_INFO", "")
-        if self.watch.match(path, environ.get("QUERY_STRING", "")) is not None:
-            body = self._watch(rt, environ, start_response, path)
-            if body is not None:
-                return body
         routes = self.routes
         if routes is not None:
-            task_id = routes.match(path)
-            if task_id is not None:
-                return self._status(rt, routes, task_id, environ, start_response)
+            path = environ.get("PATH_INFO", "")
+            if routes.owns(path):
+                return self._serve_route(rt, routes, path, environ, start_response)
             environ[_PREFIX_KEY] = routes.prefix
         started = False
 
@@ -121,8 +126,9 @@ class BackgroundMiddleware:
             started = True
             return start_response(status, headers, exc_info)
 
+        responder = self._responder(environ)
         rt_token = _context.active_runtime.set(rt)
-        responder_token = _context.responder.set(self._responder(environ))
+        responder_token = _context.responder.set(responder)
         try:
             body = self.app(environ, start)
             if type(body) is list or type(body) is tuple:  # nothing runs while it is sent
@@ -130,9 +136,9 @@ class BackgroundMiddleware:
             file_wrapper = environ.get("wsgi.file_wrapper")
             if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
                 return body  # the server may sendfile() it: leave it as it is
-            # A streamed body runs app code after this call returns: keep the
-            # request's context (the active runtime) for it.
-            return _ContextBody(body, contextvars.copy_context())
+            # A streamed body runs app code after this call returns: the request's
+            # runtime is active for it too.
+            return _ActiveBody(body, rt, responder)
         except RegistryFull as exc:
             # Once the app has called start_response, only exc_info may replace it.
             return _send(_http.overloaded(exc), start_response, sys.exc_info() if started else None)
@@ -144,55 +150,42 @@ class BackgroundMiddleware:
         """The request's responder; plain WSGI has none (no endpoint to answer for)."""
         return None
 
-    def _watch(
+    def _serve_route(
         self,
         rt: Runtime,
-        environ: WSGIEnvironment,
-        start_response: StartResponse,
+        routes: _http.Router,
         path: str,
-    ) -> Iterable[bytes] | None:
-        """Push (``?wait=N``, ``/events``) and the dashboard: see ``bgtasks._watch_routes``."""
-        status = self.watch.status
-        hook = status.authorize if status is not None else None
-        authorize = None
-        if hook is not None:
-
-            def authorize(record: TaskRecord) -> bool:
-                return self._call_in_request(environ, call_authorize, hook, record, "read")
-
-        dashboard = self.watch.dashboard
-
-        def allow() -> bool:
-            assert dashboard is not None
-            return self._call_in_request(environ, call_dashboard, dashboard.allow)
-
-        return self.watch.wsgi(rt, environ, start_response, path, authorize=authorize, allow=allow)
-
-    def _call_in_request(
-        self, environ: WSGIEnvironment, fn: Callable[..., bool], hook: Any, *args: Any
-    ) -> bool:
-        """``fn(hook, request, *args)`` with this adapter's request object (the environ)."""
-        return fn(hook, environ, *args)
-
-    def _status(
-        self,
-        rt: Runtime,
-        routes: _http.StatusRoutes,
-        task_id: str,
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        found = routes.lookup(rt, method, task_id)
-        if isinstance(found, _http.Reply):
-            reply = found
-        else:
-            allowed = True
-            if routes.authorize is not None:
-                allowed = call_authorize(routes.authorize, environ, found, routes.action(method))
-            reply = routes.act(rt, method, found, allowed)
+        head = method == "HEAD"
+        watch = self.watch
+        gated = watch.gated(path)
+        if gated and not self._dashboard_allows(environ):
+            body = _send(watch.refused(), start_response)
+            return [] if head else body
+        headers = environ_headers(environ) if gated else None
+        found = routes.dispatch(rt, method, path, environ.get("QUERY_STRING", ""), headers)
+        authorize = routes.authorize
+
+        def decide(ask: _http.Ask) -> bool:
+            assert authorize is not None
+            return call_authorize(authorize, environ, ask.record, ask.action)
+
+        reply = _http.run_sync(found, decide)
+        if isinstance(reply, Push):
+            start, stream = watch.serve_wsgi(rt, reply, head=head)
+            start_response(f"{start.status} {start.reason}", list(start.headers))
+            return stream
         body = _send(reply, start_response)
-        return [] if method == "HEAD" else body
+        return [] if head else body
+
+    def _dashboard_allows(self, environ: WSGIEnvironment) -> bool:
+        """Ask the app's ``dashboard`` callable about this request (its environ)."""
+        board = self.watch.dashboard
+        assert board is not None
+        return call_dashboard(board.allow, environ)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop this process's runtime now (process exit does it by itself).
@@ -202,33 +195,52 @@ class BackgroundMiddleware:
         return self._host.stop(timeout)
 
 
-class _ContextBody:
-    """A response body iterated, and closed, in the context of its request.
+class _ActiveBody:
+    """A streamed response body, with the request's runtime active while it runs.
 
     So ``bgtasks.wait_until`` in a streamed response's generator finds the
-    request's runtime, as it would in the view.
+    request's runtime, as it would in the view. The body runs in the server's
+    own context, exactly as without bgtasks (``flask.stream_with_context``
+    pushes and pops Flask's context across calls): only the two bgtasks
+    variables are set around each step, and reset after it.
     """
 
-    __slots__ = ("_body", "_ctx", "_it")
+    __slots__ = ("_body", "_it", "_responder", "_rt")
 
-    def __init__(self, body: Iterable[bytes], ctx: contextvars.Context) -> None:
+    def __init__(
+        self, body: Iterable[bytes], rt: Runtime, responder: _context.Responder | None
+    ) -> None:
         self._body = body
-        self._ctx = ctx
+        self._rt = rt
+        self._responder = responder
         self._it: Iterator[bytes] | None = None
 
-    def __iter__(self) -> _ContextBody:
+    def __iter__(self) -> _ActiveBody:
         return self
 
     def __next__(self) -> bytes:
-        it = self._it
-        if it is None:
-            it = self._it = self._ctx.run(iter, self._body)
-        return self._ctx.run(next, it)
+        rt_token = _context.active_runtime.set(self._rt)
+        responder_token = _context.responder.set(self._responder)
+        try:
+            it = self._it
+            if it is None:
+                it = self._it = iter(self._body)
+            return next(it)
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
-        if close is not None:
-            self._ctx.run(close)
+        if close is None:
+            return
+        rt_token = _context.active_runtime.set(self._rt)
+        responder_token = _context.responder.set(self._responder)
+        try:
+            close()
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
 
 
 def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _http.Action) -> bool:

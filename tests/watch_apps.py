@@ -122,7 +122,7 @@ def make_flask() -> Any:
 
     runtime = bgtasks.Runtime(store=STORE, shutdown_grace=2.0)
     app = Flask(__name__)
-    ext = BgTasks(
+    BgTasks(
         app,
         runtime=runtime,
         dashboard=is_admin,
@@ -185,8 +185,8 @@ def make_flask() -> Any:
 
     @app.get("/_watchers")
     def watchers() -> Any:
-        middleware = ext.runtime_for(app) and app.extensions["bgtasks"].middleware
-        return jsonify({"waiters": runtime._hub.count(), "taken": middleware.watch.slots.taken})
+        watch = app.extensions["bgtasks"].watch
+        return jsonify({"waiters": runtime._hub.count(), "taken": watch.slots.taken})
 
     return app
 
