@@ -309,8 +309,13 @@ class Runtime:
     async def _abort_start(self) -> None:
         """Start failed after the store opened: leave nothing running."""
         self._state = "closed"
-        for side in tuple(self._side_tasks):
+        sides = tuple(self._side_tasks)
+        for side in sides:
             side.cancel()
+        await asyncio.gather(*sides, return_exceptions=True)
+        self._watchdog.close()
+        if self._deadlines is not None:
+            self._deadlines.close()
         with contextlib.suppress(Exception):
             await self.store.close()
 

@@ -660,6 +660,22 @@ async def test_idempotency_key_returns_the_existing_task(store: str, tmp_path: P
         assert rt.stats()["succeeded"] == 2
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_an_expired_task_frees_its_key(store: str, tmp_path: Path) -> None:
+    spec = "memory" if store == "memory" else url(tmp_path / "t.db")
+    async with bgtasks.Runtime(store=spec, retention=0.01) as rt:
+        first = durable_apps.double.using(idempotency_key="k")(1)
+        await first.wait(5)
+        time.sleep(0.02)
+        rt.expire()
+        if isinstance(rt.store, SQLiteStore):
+            await rt.store.flush()
+        second = durable_apps.double.using(idempotency_key="k")(2)
+        assert second.id != first.id
+        assert (await second.wait(5)).result == 4
+        assert durable_apps.double.using(idempotency_key="k")(3) is second
+
+
 @pytest.mark.parametrize(
     ("value", "key"),
     [

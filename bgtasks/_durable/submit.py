@@ -173,13 +173,15 @@ def _settle(begun: _Pending, existing: TaskRecord | None) -> TaskHandle:
     store = begun.store
     handle = rt.handle(existing.id)
     if handle is None and not store.durable:
-        # A per-process key whose holder this runtime has forgotten (expired):
-        # the key is free again.
+        # A per-process key whose holder this runtime no longer has (it expired):
+        # the key is free again. (A store that is not durable answers at once.)
         store.forget(existing.id)
         retry = store.journal(begun.entry)
-        if retry.done() and retry.exception() is None and retry.result() is None:
+        holder = retry.result() if retry.done() and retry.exception() is None else existing
+        if holder is None:
             rt._launch(t)
             return t
+        existing, handle = holder, rt.handle(holder.id)
     # Another task already holds this idempotency key: that one is the answer.
     store.forget(t._id)
     rt._retract(t)
