@@ -460,3 +460,61 @@ def test_flask_push_on_its_status_routes() -> None:
         assert r.status_code == 200
     finally:
         assert ext.stop(app, 10)
+
+
+# --------------------------------------------------------------------------- a shared store
+async def test_sqlite_store_lists_every_process_tasks_and_push_polls_the_store(
+    tmp_path: Any,
+) -> None:
+    """Two runtimes on one SQLite file, as two worker processes: either one's
+    dashboard lists both's tasks, and a long-poll on one follows a task the other runs."""
+    from asgi_lifespan import LifespanManager
+
+    from bgtasks import WatchConfig
+
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    other = bgtasks.Runtime(store=url)
+    mw = BackgroundMiddleware(
+        Starlette(),
+        runtime=bgtasks.Runtime(store=url),
+        dashboard=lambda r: True,
+        watch=WatchConfig(poll=0.05),
+    )
+    gate = asyncio.Event()
+
+    async def work(n: int) -> int:
+        await gate.wait()
+        return n
+
+    async with other, LifespanManager(mw) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            theirs = [other.wait_until(work(i), name=f"theirs-{i}") for i in range(3)]
+            mine = mw.runtime.wait_until(work(9), name="mine")
+            await other.store.flush()  # type: ignore[attr-defined]
+            await mw.runtime.store.flush()  # type: ignore[attr-defined]
+            seen: list[str] = []
+            cursor = None
+            while True:
+                params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+                page = (await client.get("/_bgtasks/api/tasks", params=params)).json()
+                assert page["scope"] == "store"
+                seen += [item["name"] for item in page["items"]]
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+            assert seen == ["mine", "theirs-2", "theirs-1", "theirs-0"]
+            stats = (await client.get("/_bgtasks/api/stats")).json()
+            assert stats["scope"] == "store" and stats["by_status"]["running"] == 4
+            assert stats["by_name"]["mine"] == 1
+            # A long-poll here on a task the other runtime runs: read again every poll.
+            waiting = asyncio.ensure_future(
+                client.get(f"/_bgtasks/tasks/{theirs[0].id}", params={"wait": "10"})
+            )
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            gate.set()
+            r = await asyncio.wait_for(waiting, 10)
+            assert r.json()["status"] == "succeeded" and r.json()["result"] == 0
+            await mine.wait(5)
+            assert mw.watch.slots.taken == 0 and mw.runtime._hub.count() == 0
