@@ -243,3 +243,33 @@ def test_a_task_named_like_html_is_shown_as_text(tab: Page) -> None:
     assert page.locator("main img").count() == 0
     steer(srv, task_id, do="finish")
     assert tab.dialogs == []
+
+
+def test_read_only_dashboard_has_no_cancel(browser: Any) -> None:
+    port = free_port()
+    argv = python_argv(
+        "-m", "uvicorn", "watch_apps:app", "--host", "127.0.0.1", "--port", str(port)
+    )
+    env = {"BGTASKS_WATCH_APP": "asgi", "BGTASKS_READ_ONLY": "1"}
+    with Server(argv, port=port, env=env) as srv:
+        tab = Page(browser, srv)
+        try:
+            task_id = spawn(srv, "hold", "read-only-view")
+            page = tab.open(f"?task={task_id}")
+            expect = playwright_api.expect
+            expect(page.locator("#detail-status")).to_have_text("running")
+            expect(page.locator("#cancel")).to_be_hidden()
+            # Forged by hand (the page never sends it): refused.
+            r = httpx.post(
+                f"{srv.url}/_bgtasks/api/tasks/{task_id}/cancel",
+                headers={"x-bgtasks-action": "cancel"},
+                cookies={"admin": "yes"},
+                timeout=5,
+            )
+            assert r.status_code == 403
+            assert record(srv, task_id)["status"] == "running"
+            steer(srv, task_id, do="finish")
+            expect(page.locator("#detail-status")).to_have_text("succeeded")
+            assert tab.errors == []
+        finally:
+            tab.close()
