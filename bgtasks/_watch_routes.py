@@ -148,9 +148,13 @@ class Watch:
 
     def _task_wait(self, call: Call) -> Step:
         """``GET <status_url>?wait=N``; without ``wait``, the plain status route."""
-        if "wait=" not in call.query:
+        values = (
+            urllib.parse.parse_qs(call.query, keep_blank_values=True).get("wait")
+            if "wait" in call.query
+            else None
+        )
+        if values is None:
             return (yield from task_status(call))
-        values = urllib.parse.parse_qs(call.query, keep_blank_values=True).get("wait", [])
         seconds = parse_wait(values)
         if isinstance(seconds, str):
             return _bad_request(seconds)

@@ -287,6 +287,8 @@ async def test_asgi_long_poll_over_http(
     assert r.json()["status"] == "succeeded" and r.json()["result"] == 7
     assert r.headers["cache-control"] == "no-store"
     # Wrong input and unknown ids.
+    r = await client.get(f"{PREFIX}/{handle.id}", params={"nowait": "1"})  # not ours
+    assert r.status_code == 200 and r.json()["id"] == handle.id
     r = await client.get(f"{PREFIX}/{handle.id}", params={"wait": "61"})
     assert r.status_code == 400 and "wait must be" in r.json()["detail"]
     assert (await client.get(f"{PREFIX}/{'a' * 24}", params={"wait": "1"})).status_code == 404
