@@ -273,3 +273,58 @@ def test_read_only_dashboard_has_no_cancel(browser: Any) -> None:
             assert tab.errors == []
         finally:
             tab.close()
+
+
+def test_polling_never_overlaps_and_rests_in_hidden_tabs(browser: Any) -> None:
+    """Under WSGI the page polls: one request at a time, none while the tab is hidden."""
+    with gunicorn() as srv:
+        tab = Page(browser, srv)
+        # Each list request takes 2.5 s, longer than the 2 s between polls.
+        tab.context.add_cookies([{"name": "delay", "value": "2.5", "url": srv.url}])
+        state = {"inflight": 0, "most": 0, "sent": 0}
+
+        def is_list(request: Any) -> bool:
+            return "/_bgtasks/api/tasks" in request.url
+
+        def sent(request: Any) -> None:
+            if is_list(request):
+                state["sent"] += 1
+                state["inflight"] += 1
+                state["most"] = max(state["most"], state["inflight"])
+
+        def done(request: Any) -> None:
+            if is_list(request):
+                state["inflight"] -= 1
+
+        tab.page.on("request", sent)
+        tab.page.on("requestfinished", done)
+        tab.page.on("requestfailed", done)
+        try:
+            page = tab.open()
+            page.wait_for_timeout(8_000)
+            assert state["sent"] >= 2
+            assert state["most"] == 1, "a poll started while another was in flight"
+            page.evaluate(
+                "Object.defineProperty(document, 'hidden', {value: true, configurable: true});"
+                "document.dispatchEvent(new Event('visibilitychange'));"
+            )
+            for _ in range(100):  # the poll in flight, if any, ends
+                if state["inflight"] == 0:
+                    break
+                page.wait_for_timeout(100)
+            hidden_at = state["sent"]
+            page.wait_for_timeout(5_000)
+            assert state["sent"] <= hidden_at + 1  # at most one timer that was already set
+            paused = state["sent"]
+            page.wait_for_timeout(3_000)
+            assert state["sent"] == paused, "it polls while the tab is hidden"
+            page.evaluate(
+                "Object.defineProperty(document, 'hidden', {value: false, configurable: true});"
+                "document.dispatchEvent(new Event('visibilitychange'));"
+            )
+            page.wait_for_timeout(1_000)
+            assert state["sent"] > paused, "polling did not resume when the tab came back"
+            assert state["most"] == 1
+            assert tab.errors == []
+        finally:
+            tab.close()

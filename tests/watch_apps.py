@@ -19,6 +19,7 @@ import asyncio
 import os
 import queue
 import threading
+import time
 from typing import Any
 
 import bgtasks
@@ -34,6 +35,14 @@ STORE = os.environ.get("BGTASKS_STORE", "memory")
 
 def is_admin(request: Any) -> bool:
     return bool(request.cookies.get("admin") == "yes")
+
+
+def is_admin_slow_list(request: Any) -> bool:
+    """``is_admin``; with the cookie ``delay=<s>``, list requests answer that much later."""
+    delay = request.cookies.get("delay")
+    if delay and "/api/tasks" in request.path:
+        time.sleep(float(delay))
+    return is_admin(request)
 
 
 # --------------------------------------------------------------------------- ASGI
@@ -125,7 +134,7 @@ def make_flask() -> Any:
     BgTasks(
         app,
         runtime=runtime,
-        dashboard=is_admin,
+        dashboard=is_admin_slow_list,
         dashboard_read_only=READ_ONLY,
         watch=WATCH,
     )
