@@ -57,7 +57,8 @@ async def test_a_version_1_file_is_migrated_and_its_rows_still_work(tmp_path: Pa
         page = rt.store.list(ListQuery(limit=1))
         assert [r.id for r in page.items] == ["queued"] and page.next_cursor is not None
     names = {row[1] for row in query(db, "PRAGMA index_list(tasks)")}
-    assert {"tasks_newest", "tasks_status_newest", "tasks_name_newest"} <= names
+    assert {"tasks_newest", "tasks_status_newest", "tasks_name_newest", "tasks_open_owner"} <= names
+    assert "tasks_open" not in names  # replaced by tasks_open_owner
 
 
 async def test_a_malformed_journal_row_fails_alone(
@@ -235,3 +236,25 @@ async def test_a_start_whose_first_replay_fails_leaves_nothing_running() -> None
     assert store.closed and not rt.started
     assert all(task.done() or task.cancelled() for task in rt._side_tasks)
     await rt.shutdown()  # nothing to do, no error
+
+
+async def test_a_row_with_unreadable_columns_still_reads(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        await store.flush()
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute(
+                "INSERT INTO tasks (id, name, status, created_at, updated_at, error, result, "
+                "progress, steps) VALUES ('odd', 'job', 'failed', 1, 1, '{oops', '[1,', "
+                "'nope', '{}')"
+            )
+            conn.commit()
+        record = store.load("odd")
+        assert record is not None
+        assert (record.result, record.progress, record.steps) == (None, None, [])
+        assert record.error is not None and "cannot be read" in record.error.message
+        assert [r.id for r in store.list(ListQuery()).items] == ["odd"]
+    finally:
+        await store.close()
