@@ -16,17 +16,21 @@
         ...
 
 ``init_app`` wraps ``app.wsgi_app`` in ``bgtasks.wsgi.BackgroundMiddleware``
-(runtime per worker process, active runtime in every request), registers the
-status routes as the Flask view ``bgtasks.task_status`` (so your
+(runtime per worker process, active runtime in every request) and registers
+a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``. The
+status routes become the Flask view ``bgtasks.task_status`` (so your
 ``before_request``/``after_request`` hooks, CORS and error handlers apply to
-them) and a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``.
+them) as the app serves its first request, so the app's URL map is its own
+until then. The middleware holds the app weakly: a dropped app is freed, and
+its runtime drains and lets its thread go.
 
 Work scheduled during a request (a ``@background`` view, a ``@background``
 function called from a view, ``bgtasks.wait_until(fn, ...)`` or
-``bgtasks.wait_until(coro)``) runs inside a fresh app and request context
-rebuilt from the request: its body (read before the response is sent), its
-headers and URL, a shallow copy of ``g``; ``teardown_request`` and
-``teardown_appcontext`` run when the task ends.
+``bgtasks.wait_until(coro)``) runs inside a fresh request context rebuilt
+from the request with Flask's public API (``app.request_context(environ)``):
+its body (read before the response is sent), its headers and URL, a shallow
+copy of ``g``; ``teardown_request`` and ``teardown_appcontext`` run when the
+task ends.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import enum
 import functools
 import inspect
 import io
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -59,7 +64,7 @@ from ._watch_routes import Push, Watch
 from .wsgi import BackgroundMiddleware, call_authorize, call_dashboard
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from ._task import TaskHandle, TaskRecord
 
@@ -189,37 +194,15 @@ class BgTasks:
             routes.routes.clear()
             routes.mounts.clear()
         watch.install(routes, status=serves)
-        middleware = _FlaskMiddleware(app.wsgi_app, runtime=runtime, routes=routes)
+        middleware = _FlaskMiddleware(
+            app, runtime=runtime, routes=routes, serves=bool(routes.mounts)
+        )
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves, watch)
         if self._runtime is None:
             # The app's own runtime: when the app is dropped (an app factory in a
             # test suite), its runtime drains and its loop thread and descriptors go.
             weakref.finalize(app, middleware._host.release).atexit = False
-        if self._board is not None:
-            # The dashboard's own root (a `<path:...>` rule below needs a non-empty rest).
-            for i, rule in enumerate((self._board.prefix, self._board.prefix + "/")):
-                app.add_url_rule(
-                    rule, endpoint=f"{ROUTES_ENDPOINT}.dashboard{i}", view_func=_serve_route
-                )
-        if routes.mounts:
-            # Flask views, so the app's before_request/after_request hooks, CORS and
-            # error handlers apply; the route table in bgtasks._http answers.
-            methods = sorted({m for r in routes.routes for m in r.methods} - {"HEAD"})
-            if serves:
-                app.add_url_rule(
-                    f"{routes.prefix}/<task_id>",
-                    endpoint=STATUS_ENDPOINT,
-                    view_func=_serve_route,
-                    methods=methods,
-                )
-            for i, mount in enumerate(routes.mounts):
-                app.add_url_rule(
-                    f"{mount}/<path:_rest>",
-                    endpoint=ROUTES_ENDPOINT if i == 0 else f"{ROUTES_ENDPOINT}{i}",
-                    view_func=_serve_route,
-                    methods=methods,
-                )
         # Leave a RegistryFull handler the app registered itself.
         if RegistryFull not in app.error_handler_spec[None][None]:
             app.register_error_handler(RegistryFull, _overloaded)
@@ -236,6 +219,50 @@ class BgTasks:
         ``timeout`` seconds.
         """
         return _state(app).middleware.stop(timeout)
+
+
+def _add_views(app: flask.Flask, routes: _http.Router) -> None:
+    """Flask views for the bgtasks routes, so the app's before_request/after_request
+    hooks, CORS and error handlers apply; the route table in bgtasks._http answers."""
+    methods = sorted({m for r in routes.routes for m in r.methods} - {"HEAD"})
+    state = app.extensions[EXTENSION_KEY]
+    if state.serves_status:
+        app.add_url_rule(
+            f"{routes.prefix}/<task_id>",
+            endpoint=STATUS_ENDPOINT,
+            view_func=_serve_route,
+            methods=methods,
+        )
+    board = state.watch.dashboard if state.watch is not None else None
+    if board is not None:
+        # The dashboard's own root (the `<path:...>` rules below need a non-empty rest).
+        for i, rule in enumerate((board.prefix, board.prefix + "/")):
+            app.add_url_rule(
+                rule, endpoint=f"{ROUTES_ENDPOINT}.dashboard{i}", view_func=_serve_route
+            )
+    for i, mount in enumerate(routes.mounts):
+        app.add_url_rule(
+            f"{mount}/<path:_rest>",
+            endpoint=ROUTES_ENDPOINT if i == 0 else f"{ROUTES_ENDPOINT}{i}",
+            view_func=_serve_route,
+            methods=methods,
+        )
+
+
+class _WeakMethod:
+    """A Flask app's own ``wsgi_app`` method, held without a reference to the app."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Any) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        method = self._method()
+        if method is None:  # pragma: no cover - the app is gone
+            msg = "the Flask app of this bgtasks middleware was garbage-collected."
+            raise RuntimeError(msg)
+        return method(environ, start_response)
 
 
 def _state(app: flask.Flask | None) -> BgTasksState:
@@ -255,13 +282,39 @@ def _runtime_from_config(config: flask.Config) -> Runtime:
 
 # --------------------------------------------------------------------------- requests
 class _FlaskMiddleware(BackgroundMiddleware):
-    """The WSGI middleware without its own status routes: Flask serves them."""
+    """The WSGI middleware without its own status routes: Flask serves them.
+
+    It holds the Flask app weakly (Flask apps are freed by reference counting
+    alone, with no cycle), and adds the status views to the app as the app
+    serves its first request, so the app's URL map (``flask routes``, tests of
+    it) is the app's own until then.
+    """
 
     def __init__(
-        self, app: WSGIApplication, *, runtime: Runtime, routes: _http.Router
+        self, app: flask.Flask, *, runtime: Runtime, routes: _http.Router, serves: bool
     ) -> None:
-        super().__init__(app, runtime=runtime, status_prefix=None)
+        wsgi_app: Any = app.wsgi_app
+        if getattr(wsgi_app, "__self__", None) is app:
+            wsgi_app = _WeakMethod(wsgi_app)
+        super().__init__(wsgi_app, runtime=runtime, status_prefix=None)
         self._flask_routes = routes
+        self._flask_app = weakref.ref(app)
+        self._views_added = not serves
+        self._views_lock = threading.Lock()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if not self._views_added:
+            self._add_views()
+        return super().__call__(environ, start_response)
+
+    def _add_views(self) -> None:
+        with self._views_lock:
+            app = self._flask_app()
+            if self._views_added or app is None:
+                return
+            if ROUTES_ENDPOINT not in app.view_functions:
+                _add_views(app, self._flask_routes)
+            self._views_added = True
 
     def _responder(self, environ: WSGIEnvironment) -> _FlaskResponder:
         return _FlaskResponder(environ.get("HTTP_IDEMPOTENCY_KEY"), self._flask_routes)

@@ -255,8 +255,22 @@ def streaming_app(with_bgtasks: bool) -> Flask:
     return app
 
 
+def flask_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("flask").split(".")[:3] if part.isdigit())
+
+
+# Flask fixed stream_with_context in async views in 3.1.2 (before: it fails, bgtasks or not).
+ASYNC_STREAMS = pytest.mark.skipif(
+    flask_version() < (3, 1, 2), reason="stream_with_context fails in async views before 3.1.2"
+)
+
+
 @pytest.mark.parametrize("with_bgtasks", [False, True])
-@pytest.mark.parametrize("path", ["/plain", "/with-context", "/async-with-context"])
+@pytest.mark.parametrize(
+    "path", ["/plain", "/with-context", pytest.param("/async-with-context", marks=ASYNC_STREAMS)]
+)
 def test_flask_streamed_responses_are_untouched(with_bgtasks: bool, path: str) -> None:
     app = streaming_app(with_bgtasks)
     expected = {"/plain": "ab", "/with-context": "1sync", "/async-with-context": "1async"}
@@ -305,11 +319,10 @@ def test_flask_streamed_responses_under_a_real_server() -> None:
         Server([*argv, "wsgi_apps:app"], port=port) as srv,
         httpx.Client(base_url=srv.url, timeout=WAIT) as client,
     ):
-        for path, want in [
-            ("/stream", "0123456789" * 50),
-            ("/stream-with-context?x=q", "q" * 200),
-            ("/async-stream-with-context?x=r", "r" * 200),
-        ]:
+        paths = [("/stream", "0123456789" * 50), ("/stream-with-context?x=q", "q" * 200)]
+        if flask_version() >= (3, 1, 2):
+            paths.append(("/async-stream-with-context?x=r", "r" * 200))
+        for path, want in paths:
             r = client.get(path)
             assert (r.status_code, r.text) == (200, want), (path, srv.output())
         output = srv.output()

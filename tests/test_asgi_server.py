@@ -148,11 +148,17 @@ def test_sigterm_drains_within_grace_and_cancels_what_outlasts_it(tmp_path: Path
     assert grace - 0.5 < took < grace + 4, (took, output)
 
 
-def test_hypercorn_key_flow_and_drain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker", ["asyncio", "trio"])
+def test_hypercorn_key_flow_and_drain(tmp_path: Path, worker: str) -> None:
+    """Under trio workers the runtime runs on its own asyncio loop thread, which the
+    lifespan starts and drains."""
     pytest.importorskip("hypercorn")
+    pytest.importorskip(worker)
     evidence = tmp_path / "evidence.txt"
     port = free_port()
-    argv = python_argv("-m", "hypercorn", "asgi_apps:app", "--bind", f"127.0.0.1:{port}")
+    argv = python_argv(
+        "-m", "hypercorn", "asgi_apps:app", "--bind", f"127.0.0.1:{port}", "-k", worker
+    )
     env = {"BGTASKS_EVIDENCE": str(evidence), "BGTASKS_GRACE": "5"}
     with Server(argv, port=port, env=env) as srv:
         with httpx.Client(base_url=srv.url, timeout=WAIT) as client:

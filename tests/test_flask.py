@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from flask import Flask, current_app, g, jsonify, request, stream_with_context, url_for
 from flask import globals as flask_globals
-from flask.ctx import RequestContext
 from flask.testing import FlaskClient
 
 import bgtasks
@@ -485,18 +484,23 @@ def test_the_task_sees_the_requests_routing(app: Flask) -> None:
 
 
 def test_an_app_with_its_own_request_context_class_keeps_it(app: Flask) -> None:
-    class MyContext(RequestContext):
+    # Flask 3.1: a RequestContext; 3.2: an AppContext (RequestContext is deprecated).
+    base: Any = type(app.test_request_context())
+    merged = base.__name__ == "AppContext"
+    current = "app_ctx" if merged else "request_ctx"
+
+    class MyContext(base):  # type: ignore[misc]
         pass
 
-    def request_context(environ: Any) -> RequestContext:
-        return MyContext(app, environ)
+    def request_context(environ: Any) -> Any:
+        return MyContext.from_environ(app, environ) if merged else MyContext(app, environ)
 
     app.request_context = request_context  # type: ignore[method-assign]
 
     @app.post("/x/<int:n>")
     @bgtasks.background
     def x(n: int) -> list[Any]:
-        ctx = flask_globals.request_ctx._get_current_object()
+        ctx = getattr(flask_globals, current)._get_current_object()
         return [type(ctx).__name__, n, request.view_args, url_for("x", n=n + 1)]
 
     r = app.test_client().post("/x/3")
