@@ -384,3 +384,34 @@ def test_wsgi_stream_past_the_bound_is_503_and_a_closed_unread_body_gives_its_sl
         release.set()
     finally:
         assert mw.stop(10)
+
+
+async def test_asgi_push_without_a_lifespan_runtime_on_its_own_thread() -> None:
+    """No lifespan: the runtime runs on its own loop thread; waiters on the server's
+    loop are woken across threads."""
+    import anyio.to_thread
+
+    mw = BackgroundMiddleware(Starlette(), watch=WatchConfig(coalesce=0.05))
+    transport = httpx.ASGITransport(app=mw)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await client.get("/")  # starts the runtime on its thread
+        release = threading.Event()
+
+        def work() -> str:
+            task = bgtasks.current_task()
+            assert task is not None
+            task.report_progress(1, 2)
+            release.wait(10)
+            return "done"
+
+        handle = await anyio.to_thread.run_sync(lambda: mw.runtime.wait_until(work, name="t"))
+        threading.Timer(0.2, release.set).start()
+        r = await client.get(f"{PREFIX}/{handle.id}/events")
+        statuses = [
+            f["status"] for f in frames([c.encode() + b"\n\n" for c in r.text.split("\n\n")])
+        ]
+        assert statuses[-1] == "succeeded"
+        r = await client.get(f"{PREFIX}/{handle.id}", params={"wait": "5"})
+        assert r.json()["result"] == "done"
+        assert mw.runtime._hub.count() == 0
+    assert mw.stop(10)
