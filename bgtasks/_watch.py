@@ -71,6 +71,10 @@ class WatchConfig:
     heartbeat: float = 15.0
     #: How often a task that sends no notification here (another process's) is read again.
     poll: float = 1.0
+    #: Longest life of one stream; the client reconnects (``EventSource`` does by
+    #: itself). Servers wait for open responses before they stop (uvicorn, unless
+    #: ``--timeout-graceful-shutdown``): this bounds how long a stream delays that.
+    max_stream: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_watchers, bool) or not isinstance(self.max_watchers, int):
@@ -79,7 +83,7 @@ class WatchConfig:
         if self.max_watchers < 0:
             msg = f"max_watchers must be >= 0 (0 turns push off), got {self.max_watchers}."
             raise ValueError(msg)
-        for what in ("coalesce", "heartbeat", "poll"):
+        for what in ("coalesce", "heartbeat", "poll", "max_stream"):
             value = getattr(self, what)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 msg = f"{what} must be a number of seconds > 0, got {value!r}."
@@ -262,8 +266,11 @@ def sse_comment(text: str = "keep-alive") -> bytes:
     return f": {text}\n\n".encode()
 
 
-#: First bytes of every stream: a client that loses it reconnects after 2 s.
-SSE_PREAMBLE = b"retry: 2000\n\n"
+#: First bytes of every stream: a client that loses it reconnects after 1 s.
+SSE_PREAMBLE = b"retry: 1000\n\n"
+#: Longest single wait while a ``stopping`` check is given: how soon a stream
+#: or a long-poll notices that the server is stopping.
+STOP_CHECK = 0.5
 
 Read = Callable[[], Awaitable[TaskRecord | None]]
 ReadSync = Callable[[], TaskRecord | None]
@@ -290,7 +297,7 @@ async def event_stream(
     with hub.watching(task_id, waiter):
         yield SSE_PREAMBLE
         last = ""
-        sent_at = time.monotonic()
+        sent_at = opened = time.monotonic()
         while True:
             record = await read()
             if record is None:
@@ -302,8 +309,11 @@ async def event_stream(
                 yield sse_record(data)
             if record.finished:
                 return
-            idle = time.monotonic() - sent_at
-            timeout = config.heartbeat - idle
+            now = time.monotonic()
+            left = opened + config.max_stream - now
+            if left <= 0:
+                return  # the client reconnects and gets the record at once
+            timeout = min(config.heartbeat - (now - sent_at), left)
             if not local():
                 timeout = min(timeout, config.poll)
             changed = await waiter.wait(timeout, unless=disconnected)
@@ -338,10 +348,16 @@ async def change_stream(
     waiter = AsyncWaiter()
     with hub.watching(ANY, waiter):
         yield SSE_PREAMBLE
-        sent_at = time.monotonic()
+        # At once: a client that reconnected may have missed changes meanwhile.
+        yield b"event: change\ndata: {}\n\n"
+        sent_at = opened = time.monotonic()
         while True:
+            now = time.monotonic()
+            left = opened + config.max_stream - now
+            if left <= 0:
+                return
             changed = await waiter.wait(
-                config.heartbeat - (time.monotonic() - sent_at), unless=disconnected
+                min(config.heartbeat - (now - sent_at), left), unless=disconnected
             )
             if disconnected is not None and disconnected.done():
                 return
@@ -370,17 +386,20 @@ def event_stream_sync(
     local: Callable[[], bool],
     include_result: bool,
     config: WatchConfig,
+    stopping: Callable[[], bool] | None = None,
 ) -> Iterator[bytes]:
     """``event_stream`` for a WSGI server thread (which it holds while open).
 
     A client that left is noticed when a write fails (at the latest at the
     next heartbeat); the server then closes this generator and the waiter goes.
+    ``stopping()`` True (the server is stopping) ends the stream within
+    ``STOP_CHECK`` seconds, so the server thread is free for the shutdown.
     """
     waiter = ThreadWaiter()
     with hub.watching(task_id, waiter):
         yield SSE_PREAMBLE
         last = ""
-        sent_at = time.monotonic()
+        sent_at = opened = time.monotonic()
         while True:
             record = read()
             if record is None:
@@ -392,9 +411,15 @@ def event_stream_sync(
                 yield sse_record(data)
             if record.finished:
                 return
-            timeout = config.heartbeat - (time.monotonic() - sent_at)
+            now = time.monotonic()
+            left = opened + config.max_stream - now
+            if left <= 0 or (stopping is not None and stopping()):
+                return
+            timeout = min(config.heartbeat - (now - sent_at), left)
             if not local():
                 timeout = min(timeout, config.poll)
+            if stopping is not None:
+                timeout = min(timeout, STOP_CHECK)
             if waiter.wait(timeout):
                 pause = config.coalesce - (time.monotonic() - sent_at)
                 if pause > 0:
@@ -436,8 +461,9 @@ def long_poll_sync(
     *,
     local: Callable[[], bool],
     config: WatchConfig,
+    stopping: Callable[[], bool] | None = None,
 ) -> TaskRecord | None:
-    """``long_poll`` for a WSGI server thread."""
+    """``long_poll`` for a WSGI server thread; answers early once ``stopping()``."""
     deadline = time.monotonic() + seconds
     waiter = ThreadWaiter()
     with hub.watching(task_id, waiter):
@@ -446,7 +472,10 @@ def long_poll_sync(
             left = deadline - time.monotonic()
             if record is None or record.finished or left <= 0:
                 return record
-            waiter.wait(left if local() else min(left, config.poll))
+            if stopping is not None and stopping():
+                return record
+            timeout = left if local() else min(left, config.poll)
+            waiter.wait(timeout if stopping is None else min(timeout, STOP_CHECK))
 
 
 def busy_reply_body(config: WatchConfig) -> bytes:

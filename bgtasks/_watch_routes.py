@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import urllib.parse
 from collections.abc import (
     AsyncIterator,
@@ -108,6 +109,7 @@ class Watch:
         self.config = config
         self.slots = Slots(config.max_watchers)
         self._status_prefix: str | None = None
+        self._server: tuple[int, Callable[[], bool] | None] | None = None
 
     # ------------------------------------------------------------------ the table
     def install(self, router: Router, *, status: bool = True) -> None:
@@ -296,6 +298,7 @@ class Watch:
             found: TaskRecord | None = runtime.get(task_id)
             return found
 
+        stopping = self._server_stopping()
         if push.kind == "wait":
             try:
                 found = long_poll_sync(
@@ -305,6 +308,7 @@ class Watch:
                     push.seconds,
                     local=_local(runtime, task_id),
                     config=self.config,
+                    stopping=stopping,
                 )
             finally:
                 self.slots.give_back()
@@ -321,8 +325,27 @@ class Watch:
             local=_local(runtime, task_id),
             include_result=push.include_result,
             config=self.config,
+            stopping=stopping,
         )
         return reply, SlotBody(stream, self.slots)
+
+    def _server_stopping(self) -> Callable[[], bool] | None:
+        """Under gunicorn, a check that this worker is stopping (found once per process).
+
+        A stream or a long-poll then ends within ``STOP_CHECK`` seconds of the
+        SIGTERM instead of holding the worker until its ``graceful_timeout``
+        kill (which would also skip the runtime's drain).
+        """
+        pid = os.getpid()
+        found = self._server
+        if found is None or found[0] != pid:
+            from ._loopthread import gunicorn_worker
+
+            server = gunicorn_worker()
+            if server is not None:
+                server.close()  # its heartbeat file is not needed here
+            found = self._server = (pid, None if server is None else server.stopping)
+        return found[1]
 
 
 class SlotBody:

@@ -415,3 +415,56 @@ async def test_asgi_push_without_a_lifespan_runtime_on_its_own_thread() -> None:
         assert r.json()["result"] == "done"
         assert mw.runtime._hub.count() == 0
     assert mw.stop(10)
+
+
+async def test_a_stream_ends_after_max_stream_and_the_client_reconnects() -> None:
+    async with bgtasks.Runtime(shutdown_grace=1) as rt:
+        handle, inbox = await steered(rt)
+
+        async def read() -> bgtasks.TaskRecord | None:
+            return rt.get(handle.id)
+
+        config = WatchConfig(max_stream=0.3, heartbeat=0.1)
+        started = time.monotonic()
+        chunks = [
+            c
+            async for c in event_stream(
+                read, rt._hub, handle.id, local=lambda: True, include_result=True, config=config
+            )
+        ]
+        assert 0.25 < time.monotonic() - started < 3
+        assert frames(chunks)[0]["status"] == "running"  # ended while still running
+        assert rt._hub.count() == 0
+        inbox.put_nowait("finish")
+
+
+def test_a_stopping_server_ends_thread_streams_and_long_polls_early() -> None:
+    hub = Hub()
+    record = bgtasks.TaskRecord(id="y" * 24, name="t", status="running", created_at=0)
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    chunks = list(
+        event_stream_sync(
+            lambda: record,
+            hub,
+            record.id,
+            local=lambda: True,
+            include_result=True,
+            config=WatchConfig(),
+            stopping=stop.is_set,
+        )
+    )
+    assert time.monotonic() - started < 3 and len(frames(chunks)) == 1
+    started = time.monotonic()
+    found = long_poll_sync(
+        lambda: record,
+        hub,
+        record.id,
+        30,
+        local=lambda: True,
+        config=WatchConfig(),
+        stopping=stop.is_set,
+    )
+    assert found is record and time.monotonic() - started < 1
+    assert hub.count() == 0

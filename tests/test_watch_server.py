@@ -6,8 +6,11 @@ bounded slots are held, so a test sees a stream's resources come back.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -143,3 +146,25 @@ def test_a_client_that_leaves_frees_its_stream_and_the_bound_holds(server: Serve
     # (uvicorn at once, from http.disconnect; gunicorn at the next heartbeat's write).
     released(server)
     steer(server, task_id, do="finish")
+
+
+def test_an_open_stream_does_not_hold_a_stopping_server() -> None:
+    """SIGTERM with a stream open on a running task: gunicorn's worker ends the
+    stream at once and drains; uvicorn waits for open responses, at most
+    ``max_stream``, then runs the lifespan shutdown."""
+    for make, env in ((gunicorn, {}), (uvicorn, {"BGTASKS_MAX_STREAM": "2"})):
+        with make(**env) as srv:
+            task_id = spawn(srv, "hold")
+            url = f"{srv.url}/_bgtasks/tasks/{task_id}/events"
+            with httpx.stream("GET", url, timeout=WAIT) as r:
+                stream = records(r.iter_lines())
+                next(stream)
+                started = time.monotonic()
+                srv.signal(signal.SIGTERM)
+                with contextlib.suppress(httpx.HTTPError):
+                    for _ in stream:
+                        pass
+                srv.wait(WAIT)
+            # The app's runtime drained: its 2 s grace, then the held task cancelled.
+            assert time.monotonic() - started < 8, srv.output()
+            assert "still unfinished after shutdown_grace" in srv.output()

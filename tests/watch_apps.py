@@ -10,7 +10,7 @@ Each app can start tasks the test steers:
 
 The dashboard is open to requests with the cookie ``admin=yes``.
 ``BGTASKS_READ_ONLY=1`` makes it read-only; ``BGTASKS_MAX_WATCHERS``,
-``BGTASKS_HEARTBEAT`` tune push; ``BGTASKS_STORE`` picks the store.
+``BGTASKS_HEARTBEAT``, ``BGTASKS_MAX_STREAM`` tune push; ``BGTASKS_STORE`` picks the store.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ WATCH = bgtasks.WatchConfig(
     max_watchers=int(os.environ.get("BGTASKS_MAX_WATCHERS", "100")),
     heartbeat=float(os.environ.get("BGTASKS_HEARTBEAT", "15")),
     coalesce=float(os.environ.get("BGTASKS_COALESCE", "0.2")),
+    max_stream=float(os.environ.get("BGTASKS_MAX_STREAM", "30")),
 )
 STORE = os.environ.get("BGTASKS_STORE", "memory")
 
