@@ -223,6 +223,8 @@ class Router:
         self.include_result = include_result
         self.routes: list[Route] = []
         self.mounts: list[str] = []
+        self._under: tuple[str, ...] = ()
+        self._exact: frozenset[str] = frozenset()
         self.add(Route(prefix, "/{task_id}", frozenset(("GET", "HEAD", "DELETE")), task_status))
 
     def add(self, route: Route) -> None:
@@ -234,6 +236,8 @@ class Router:
         self.routes.append(route)
         if route.mount not in self.mounts:
             self.mounts.append(route.mount)
+            self._under = tuple(m + "/" for m in self.mounts)
+            self._exact = frozenset(self.mounts)
 
     def url_path(self, task_id: str) -> str:
         """The status path of a task (under the app's root path)."""
@@ -241,10 +245,8 @@ class Router:
 
     def owns(self, path: str) -> bool:
         """True if ``path`` is a bgtasks path (served here, even if only with a 404)."""
-        for mount in self.mounts:
-            if path.startswith(mount) and (len(path) == len(mount) or path[len(mount)] == "/"):
-                return True
-        return False
+        # On every request: one C call in the common case.
+        return path.startswith(self._under) or path in self._exact
 
     def dispatch(
         self,

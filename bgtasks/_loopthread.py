@@ -5,9 +5,13 @@ a daemon thread running ``asyncio.run``: it starts the runtime, waits for a
 stop signal, then shuts the runtime down gracefully (``beforeunload``, up to
 ``shutdown_grace``, cancel the rest).
 
-Start: lazily, on the first request a process serves. The thread is tied to
-the pid that started it, so a fork (``gunicorn --preload``, a pre-fork server)
-makes the child start its own on its first request.
+Start: lazily, by the first work a process schedules (``Runtime.autostart``).
+The thread is tied to the pid that started it, so a fork (``gunicorn
+--preload``, a pre-fork server) makes the child start its own.
+
+Stop early: an adapter that owns its runtime ends it when its app is dropped
+(``release``, from ``weakref.finalize``): the runtime drains, the thread ends
+and its loop's descriptors close, with no ``stop()`` call.
 
 Stop: on every ordinary exit of the process, from a hook registered with
 ``threading._register_atexit``. Python runs those hooks when the main thread
@@ -112,6 +116,11 @@ class LoopThread:
         if self._error is not None:
             raise self._error.with_traceback(None)
         return self.runtime
+
+    def autostart(self) -> None:
+        """``Runtime.autostart`` for the runtime hosted here: the first work scheduled
+        on it starts it on this process's loop thread."""
+        self.ensure_started()
 
     def _start(self) -> None:
         rt = self.runtime

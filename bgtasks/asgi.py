@@ -50,7 +50,12 @@ from .stores.memory import MemoryStore
 if TYPE_CHECKING:
     from ._task import TaskHandle
 
-__all__ = ["BackgroundMiddleware", "accepted_response", "document_background_routes"]
+__all__ = [
+    "BackgroundMiddleware",
+    "accepted_response",
+    "document_background_routes",
+    "stop_runtime",
+]
 
 logger = logging.getLogger("bgtasks")
 
@@ -126,6 +131,7 @@ class BackgroundMiddleware:
         # None: no lifespan runs it; it starts on its own loop thread when first used.
         self._mode: str | None = None
         self._prepared = False
+        self._warned_wrong_loop = False
         self._hosted(self.runtime)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,12 +150,14 @@ class BackgroundMiddleware:
             await self.app(scope, receive, send)
 
     # ------------------------------------------------------------------ requests
-    def _runtime_for_request(self, scope: Scope) -> Runtime:
+    def _runtime_for_request(self, scope: Scope) -> Runtime | None:
+        """The runtime a request gets; None when it cannot have one (see ``_wrong_loop``)."""
         rt = self.runtime
         if self._mode == "lifespan":
             loop = rt._loop
             if loop is not _get_running_loop() and loop is not None and not loop.is_running():
                 self._wrong_loop()
+                return None
             return rt
         if not self._prepared:
             self._prepared = True
@@ -171,20 +179,30 @@ class BackgroundMiddleware:
             # A dropped app (a test's app factory) lets its runtime and thread go.
             weakref.finalize(self, host.release).atexit = False
 
-    @staticmethod
-    def _wrong_loop() -> None:
-        msg = (
-            "this request runs on another event loop than the one the ASGI lifespan "
-            "started the bgtasks runtime on, and that loop is not running, so no task "
-            "could run. Serve requests on the loop that ran the lifespan (for example, "
-            "enter `asgi_lifespan.LifespanManager(app)` in the same event loop as the "
-            "requests), or do not run the lifespan: the runtime then starts on its own "
+    def _wrong_loop(self) -> None:
+        """The lifespan started the runtime on an event loop that is not running, and
+        this request runs on another one (in the same thread): no task could run.
+        The request goes to the app untouched, with no active runtime."""
+        if self._warned_wrong_loop:
+            return
+        self._warned_wrong_loop = True
+        logger.warning(
+            "bgtasks: a request runs on another event loop than the one the ASGI lifespan "
+            "started the runtime on, and that loop is not running, so no task could run: "
+            "requests get no active runtime. Serve requests on the loop that ran the "
+            "lifespan (enter asgi_lifespan.LifespanManager(app) in the same event loop as "
+            "the requests), or do not run the lifespan: the runtime then starts on its own "
             "thread."
         )
-        raise RuntimeError(msg)
 
     async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rt = self.runtime if self._mode == "lifespan" else self._runtime_for_request(scope)
+        rt = self.runtime
+        if self._mode != "lifespan" or rt._loop is not _get_running_loop():
+            found = self._runtime_for_request(scope)
+            if found is None:
+                await self.app(scope, receive, send)
+                return
+            rt = found
         root_path: str = scope.get("root_path", "")
         path: str = scope["path"]
         if root_path and path.startswith(root_path):
@@ -297,10 +315,7 @@ class BackgroundMiddleware:
         it was still shutting down after ``timeout`` seconds. Call it from
         outside the event loop (a lifespan's runtime is drained by the lifespan).
         """
-        autostart = self.runtime.autostart
-        if isinstance(autostart, _Autostart):
-            return autostart.host.stop(timeout)
-        return True
+        return stop_runtime(self.runtime, timeout)
 
     # ------------------------------------------------------------------ lifespan
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -414,6 +429,21 @@ class BackgroundMiddleware:
         if rt._state == "started" and isinstance(rt.autostart, _Autostart):
             return rt, rt.autostart.host  # your runtime, already on its own thread
         return rt, None
+
+
+def stop_runtime(runtime: Runtime, timeout: float | None = None) -> bool:
+    """Drain and stop ``runtime`` now if it runs on its own thread (no lifespan ran it).
+
+    For tests that use ``TestClient(app)`` without ``with`` or
+    ``httpx.ASGITransport`` and want every task finished at a point; the
+    process exit does it by itself. Returns False if it was still shutting
+    down after ``timeout`` seconds; True at once for a runtime no thread runs.
+    Call it from outside the runtime's own thread.
+    """
+    autostart = runtime.autostart
+    if isinstance(autostart, _Autostart):
+        return autostart.host.stop(timeout)
+    return True
 
 
 class _Autostart:

@@ -481,6 +481,9 @@ def _serve_route(**_: Any) -> flask.Response:
     routes = state.routes
     method = request.method
     query = request.query_string.decode("latin-1")
+    rt = state.runtime
+    if rt._state == "new":  # nothing scheduled yet in this process: start it to look
+        rt = state.middleware._host.ensure_started()
     watch = state.watch
     gated = watch is not None and watch.gated(request.path)
     if gated:
@@ -488,7 +491,7 @@ def _serve_route(**_: Any) -> flask.Response:
         if not call_dashboard(watch.dashboard.allow, request):
             return _response(watch.refused())
     headers = {k.lower(): v for k, v in request.headers.items()} if gated else None
-    found = routes.dispatch(state.runtime, method, request.path, query, headers)
+    found = routes.dispatch(rt, method, request.path, query, headers)
     authorize = routes.authorize
 
     def decide(ask: _http.Ask) -> bool:
@@ -498,6 +501,6 @@ def _serve_route(**_: Any) -> flask.Response:
     reply = _http.run_sync(found, decide)
     if isinstance(reply, Push):
         assert watch is not None
-        start, body = watch.serve_wsgi(state.runtime, reply, head=method == "HEAD")
+        start, body = watch.serve_wsgi(rt, reply, head=method == "HEAD")
         return flask.Response(body, status=start.status, headers=start.headers)
     return _response(reply)

@@ -8,8 +8,9 @@ request, the status routes, and ``503`` + ``Retry-After`` on ``RegistryFull``.
     application = BackgroundMiddleware(application)
 
 WSGI has no lifespan: the runtime runs on its own event-loop thread in each
-worker process, started on the first request the process serves (so it
-starts after a fork) and drained when the process exits (see
+worker process, started by the first work the process schedules (so it
+starts after a fork, and never for an app that does not use it) and drained
+when the process exits (see
 ``bgtasks._loopthread``). In a request, ``bgtasks.wait_until`` and
 ``@background`` functions schedule on it and return a ``TaskHandle``; a plain
 WSGI app answers with ``accepted(handle, environ, start_response)`` when it
@@ -106,17 +107,28 @@ class BackgroundMiddleware:
                 self.routes.routes.clear()
                 self.routes.mounts.clear()
             self.watch.install(self.routes, status=status_prefix is not None)
-        self._host = host_for(self.runtime)
+        host = self._host = host_for(self.runtime)
+        rt = self.runtime
+        if rt._state == "new" and rt.autostart is None:
+            # Started by the first work scheduled on it, not by a request: an app
+            # whose routes do not use bgtasks gets no thread.
+            rt.autostart = host.autostart
         if runtime is None:
             # A dropped app (a test's app factory) lets its runtime and thread go.
-            weakref.finalize(self, self._host.release).atexit = False
+            weakref.finalize(self, host.release).atexit = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        rt = self._host.ensure_started()
+        rt = self.runtime
+        if rt._state != "new":
+            # Started here or, before a fork, in the parent: ensure_started gives
+            # this process its own thread, or the error that says why it cannot.
+            rt = self._host.ensure_started()
         routes = self.routes
         if routes is not None:
             path = environ.get("PATH_INFO", "")
             if routes.owns(path):
+                if rt._state == "new":
+                    rt = self._host.ensure_started()
                 return self._serve_route(rt, routes, path, environ, start_response)
             environ[_PREFIX_KEY] = routes.prefix
         started = False

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,7 @@ from fastapi import FastAPI
 from flask import Flask, g, has_request_context, request, stream_with_context
 
 import bgtasks
-from bgtasks._loopthread import host_for
-from bgtasks.asgi import BackgroundMiddleware
+from bgtasks.asgi import BackgroundMiddleware, stop_runtime
 from bgtasks.flask import BgTasks
 
 with warnings.catch_warnings():
@@ -111,7 +111,7 @@ def test_testclient_without_with_answers_202_on_every_request() -> None:
         assert status.status_code == 200 and status.json()["result"] == 0
         assert client.get("/plain").json() == {"hello": "world"}
     finally:
-        assert host_for(rt).stop(WAIT)
+        assert stop_runtime(rt, WAIT)
 
 
 def test_asgi_transport_from_several_asyncio_runs() -> None:
@@ -131,7 +131,7 @@ def test_asgi_transport_from_several_asyncio_runs() -> None:
         ids = [asyncio.run(one_test(n)) for n in range(3)]
         assert [finished(rt, i).result for i in ids] == [0, 1, 2]
     finally:
-        assert host_for(rt).stop(WAIT)
+        assert stop_runtime(rt, WAIT)
 
 
 def test_a_lifespan_after_requests_without_one_gets_a_fresh_runtime() -> None:
@@ -153,6 +153,44 @@ def test_a_lifespan_after_requests_without_one_gets_a_fresh_runtime() -> None:
         lambda: plain.get(third["status_url"]).json()["status"] == "succeeded", "the third task"
     )
     assert first["id"] != second["id"] != third["id"]
+
+
+def test_a_lifespan_on_a_loop_that_stopped_leaves_requests_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lifespan ran on loop A, which is not running; requests come on loop B."""
+    from asgi_lifespan import LifespanManager
+
+    app, rt = fastapi_app()
+    loop_a = asyncio.new_event_loop()
+    started: asyncio.Future[None] = loop_a.create_future()
+    release: asyncio.Future[None] = loop_a.create_future()
+
+    async def hold() -> None:
+        async with LifespanManager(app):
+            started.set_result(None)
+            await release
+
+    task = loop_a.create_task(hold())
+    loop_a.run_until_complete(started)
+    try:
+        assert rt.started
+
+        async def requests_on_loop_b() -> None:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for _ in range(2):
+                    assert (await client.get("/plain")).json() == {"hello": "world"}
+
+        with caplog.at_level(logging.WARNING, logger="bgtasks"):
+            asyncio.run(requests_on_loop_b())
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "another event loop" in warned[0], warned
+    finally:
+        release.set_result(None)
+        loop_a.run_until_complete(task)
+        loop_a.close()
+    assert not rt.started
 
 
 # ------------------------------------------------------------------------------- 2. trio
@@ -191,7 +229,39 @@ def test_trio_background_routes_run_on_their_own_loop_thread() -> None:
         trio.run(main)
         assert [finished(rt, i).result for i in ids] == [0, 1, 30]
     finally:
-        assert host_for(rt).stop(WAIT)
+        assert stop_runtime(rt, WAIT)
+
+
+@bgtasks.background(durable=True)
+async def durable_plus_one(n: int) -> int:
+    return n + 1
+
+
+def test_trio_durable_and_keyed_background_routes(tmp_path: Path) -> None:
+    trio = pytest.importorskip("trio")
+    rt = bgtasks.Runtime(store=f"sqlite:///{tmp_path}/tasks.db", shutdown_grace=2.0)
+    app = FastAPI()
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
+    app.post("/durable")(durable_plus_one)
+    got: dict[str, Any] = {}
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = await client.post("/durable", params={"n": 1})
+            assert first.status_code == 202, first.text
+            keyed = [
+                (await client.post("/durable", params={"n": 2}, headers={"Idempotency-Key": "k"}))
+                for _ in range(2)
+            ]
+            got.update(first=first.json()["id"], keyed=[r.json()["id"] for r in keyed])
+
+    try:
+        trio.run(main)
+        assert got["keyed"][0] == got["keyed"][1]
+        assert finished(rt, got["first"]).result == 2
+    finally:
+        assert stop_runtime(rt, WAIT)
 
 
 def test_trio_lifespan_runs_the_runtime_on_its_own_thread() -> None:
@@ -327,6 +397,36 @@ def test_flask_streamed_responses_under_a_real_server() -> None:
             assert (r.status_code, r.text) == (200, want), (path, srv.output())
         output = srv.output()
     assert "Traceback" not in output, output
+
+
+def test_flask_routes_that_do_not_use_bgtasks_start_nothing() -> None:
+    app = Flask("plain")
+    BgTasks(app)
+    rules = {rule.rule for rule in app.url_map.iter_rules()}
+
+    @app.get("/hello")
+    def hello() -> str:
+        return "hello"
+
+    before = set(loop_threads())
+    assert {rule.rule for rule in app.url_map.iter_rules()} == rules | {"/hello"}
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/hello").get_data(as_text=True) == "hello"
+    assert not app.extensions["bgtasks"].runtime.started
+    assert set(loop_threads()) == before
+
+
+def test_a_flask_app_with_bgtasks_is_freed_by_reference_counting() -> None:
+    gc.disable()
+    try:
+        app = Flask("refcount")
+        BgTasks(app)
+        weak = weakref.ref(app)
+        del app
+        assert weak() is None
+    finally:
+        gc.enable()
 
 
 # ----------------------------------------------------------------- 4. Flask app factories

@@ -54,7 +54,11 @@ fetch() {  # fetch <dist> -> prints the unpacked sdist directory
 run_suite() {  # run_suite <label> <dir> <adopt 0|1> <pytest args...>
   local label=$1 dir=$2 adopt=$3
   shift 3
-  (cd "$dir" && BGTASKS_ADOPT=$adopt BGTASKS_ADOPT_REPORT="$DIR/$label.apps" \
+  # A copy per run: the two run side by side, and some tests write files in it.
+  rm -rf "$DIR/run/$label"
+  mkdir -p "$DIR/run"
+  cp -r "$dir" "$DIR/run/$label"
+  (cd "$DIR/run/$label" && BGTASKS_ADOPT=$adopt BGTASKS_ADOPT_REPORT="$DIR/$label.apps" \
     PYTHONPATH="$ROOT/scripts/adoption" \
     "$PY" -m pytest -q -p no:cacheprovider -p bgtasks_adoption --continue-on-collection-errors \
       --junitxml="$DIR/$label.xml" "$@" >"$DIR/$label.log" 2>&1) || true
