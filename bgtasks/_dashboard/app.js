@@ -79,7 +79,25 @@
     let stopped = false;
     if (LIVE === "sse" && ssePath) {
       const source = new EventSource(ssePath);
-      const onEvent = (event) => { if (!stopped) refresh(event); };
+      // One refresh at a time here too: events that come during one are folded
+      // into a single refresh after it (the last event is the one that counts).
+      let running = false;
+      let next = null;
+      const onEvent = async (event) => {
+        if (stopped) return;
+        if (running) { next = event; return; }
+        running = true;
+        try {
+          await refresh(event);
+          while (next !== null && !stopped) {
+            const pending = next;
+            next = null;
+            await refresh(pending);
+          }
+        } finally {
+          running = false;
+        }
+      };
       source.addEventListener("record", onEvent);
       source.addEventListener("change", onEvent);
       stopLive = () => { stopped = true; source.close(); };
