@@ -146,3 +146,45 @@ async def test_a_cancelled_parked_task_never_wakes(tmp_path: Path, steps_log: Pa
         rec = rt.get(handle.id)
     assert rec is not None and rec.status == "cancelled"
     assert lines(steps_log) == ["first 3"]
+
+
+def test_the_fastapi_example_onboards_in_steps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib
+    import sys
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Starlette asks for httpx2
+        from starlette.testclient import TestClient
+
+    monkeypatch.setenv("BGTASKS_STORE", f"sqlite:///{tmp_path}/example.db?poll=0.2")
+    monkeypatch.setenv("BGTASKS_EXAMPLE_COOL_OFF", "0.3")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.delitem(sys.modules, "examples.fastapi_app.app", raising=False)
+    example = importlib.import_module("examples.fastapi_app.app")
+    with TestClient(example.app) as client:
+        assert client.post("/onboard", json={"email": "nope"}).status_code == 422
+        r = client.post("/onboard", json={"email": "ada@example.com"})
+        assert r.status_code == 202, r.text
+        url = r.headers["location"]
+        seen: set[str] = set()
+        body: dict[str, object] = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            body = client.get(url).json()
+            seen.add(f"{body['status']}:{'wake' if body['wake_at'] else '-'}")
+            if body["status"] == "succeeded":
+                break
+            time.sleep(0.02)
+        assert body["status"] == "succeeded", body
+        assert "pending:wake" in seen  # parked during the cool-off
+        steps = [(s["name"], s["status"]) for s in body["steps"]]  # type: ignore[union-attr]
+        assert steps == [
+            ("create account", "succeeded"),
+            ("make invite code", "succeeded"),
+            ("cool off", "succeeded"),
+            ("send welcome", "succeeded"),
+        ]
+        assert client.get("/_bgtasks/").status_code == 200  # the dashboard, locally

@@ -11,6 +11,9 @@ Routes (interactive docs at http://127.0.0.1:8000/docs):
 - ``POST /primes``   counts primes under a CPU-time limit of 2 s.
 - ``POST /orders``   an ordinary endpoint: answers 201 at once and writes its
   audit-log entry with ``wait_until`` after the response.
+- ``POST /onboard``  a durable onboarding flow in steps, with a sleep of a few
+  seconds between them (a parked task), to watch in its status route.
+- ``GET /_bgtasks/``  the dashboard (open to requests from this machine).
 - ``GET /_bgtasks/tasks/{id}``  reads a task (``DELETE`` cancels it).
 - ``GET /metrics``   Prometheus metrics of the tasks (with ``bgtasks[prometheus]``).
 """
@@ -24,6 +27,8 @@ import os
 # --workers 4) answers any status URL. BGTASKS_STORE=memory keeps everything
 # in memory instead.
 STORE = os.environ.get("BGTASKS_STORE", "sqlite:///bgtasks-example.db")
+# How long the onboarding flow cools off between its steps (days, in real life).
+COOL_OFF = float(os.environ.get("BGTASKS_EXAMPLE_COOL_OFF", "5"))
 
 import asyncio  # noqa: E402
 import itertools  # noqa: E402
@@ -36,6 +41,7 @@ from fastapi import Depends, FastAPI, Header, Response  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 import bgtasks  # noqa: E402
+from bgtasks import step  # noqa: E402
 from bgtasks.asgi import BackgroundMiddleware  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -47,7 +53,15 @@ runtime = bgtasks.Runtime(
     limits=bgtasks.Limits(wall_clock=300),  # nothing runs longer than 5 minutes
 )
 app = FastAPI(title="bgtasks example")
-app.add_middleware(BackgroundMiddleware, runtime=runtime)
+
+
+def local_only(request: object) -> bool:
+    """Who may see the dashboard: here, requests from this machine."""
+    client = getattr(request, "client", None)
+    return client is not None and client.host in ("127.0.0.1", "::1", "testclient")
+
+
+app.add_middleware(BackgroundMiddleware, runtime=runtime, dashboard=local_only)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -195,6 +209,36 @@ async def create_order(
     # bounded by the runtime's limits and drained on shutdown.
     audit = bgtasks.wait_until(write_audit_log("order.created", user, order_id))
     return {"id": order_id, "audit_task": audit.id}
+
+
+# ---------------------------------------------------------------------- steps
+class NewUser(BaseModel):
+    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+
+
+def create_account(email: str) -> int:  # sync: runs in a worker thread
+    return db.insert("accounts", email=email)
+
+
+async def make_invite_code() -> str:
+    return f"{random.randrange(10**6):06d}"
+
+
+async def send_welcome(email: str, code: str) -> str:
+    await asyncio.sleep(0.05)  # a mail API
+    return f"welcome sent to {email} with code {code}"
+
+
+@app.post("/onboard", status_code=202)
+@bgtasks.background(durable=True, retries=2, name="onboard")
+async def onboard(user: NewUser) -> dict[str, object]:
+    """A flow in steps: each step is kept, so a retry or a restart skips the done
+    ones; the sleep parks the task (no slot, no memory) until it wakes up."""
+    account = await step.run("create account", create_account, user.email)
+    code = await step.run("make invite code", make_invite_code)
+    await step.sleep("cool off", COOL_OFF)
+    sent = await step.run("send welcome", send_welcome, user.email, code, retries=2)
+    return {"account": account, "code": code, "sent": sent}
 
 
 @app.get("/")
