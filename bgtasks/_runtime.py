@@ -26,6 +26,7 @@ from ._observe import Observer, carrier, safely
 from ._registry import Registry
 from ._runner import Runner, Ticket
 from ._spec import Isolation, Kind, Spec, await_, describe, is_async_callable, not_work_error
+from ._state import ctl_of
 from ._task import FINISHED, TaskRecord
 from ._threads import ThreadPool
 from ._watch import Hub
@@ -344,6 +345,8 @@ class Runtime:
             raise self._admission.refused(full)
         t = TaskHandle(self, task_id or new_id(), name)
         t._work = work
+        if type(work) is Spec and work.wake_at is not None:  # delayed: shown from the start
+            ctl_of(t).wake_at = work.wake_at
         self._registry.add(t)
         if announce and self._observers:
             self._announce(t)
