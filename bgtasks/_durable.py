@@ -269,6 +269,8 @@ class _Pending:
     future: concurrent.futures.Future[TaskRecord | None]
     #: admitted on the runtime's loop thread: settle it there too (see Runtime._retract)
     on_loop: bool
+    #: the store's engine runs it on whichever host takes its job, not here
+    remote: bool = False
 
     def settle_later(self) -> None:
         """The caller stopped waiting: let the commit decide, whenever it comes."""
@@ -381,7 +383,8 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
     except BaseException:
         rt._retract(t)
         raise
-    return _Pending(rt, store, t, fut, threading.get_ident() == rt._loop_thread_id)
+    remote = opts.durable and getattr(store, "dispatches_durable", False)
+    return _Pending(rt, store, t, fut, threading.get_ident() == rt._loop_thread_id, remote)
 
 
 def _outcome(begun: _Pending) -> TaskHandle:
@@ -394,6 +397,9 @@ def _outcome(begun: _Pending) -> TaskHandle:
 def _settle(begun: _Pending, existing: TaskRecord | None) -> TaskHandle:
     rt, t = begun.rt, begun.task
     if existing is None:
+        if begun.remote:  # committed with its job: a consuming host runs it
+            rt._retract(t)
+            return RemoteHandle.of(rt, t.record)
         rt._launch(t)
         return t
     # Another task already holds this idempotency key: that one is the answer.

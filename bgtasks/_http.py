@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from ._errors import RegistryFull
+from ._errors import RegistryFull, StoreError
 from ._ids import is_valid_id
 from ._task import FINISHED, TaskHandle, TaskRecord, TaskStatus
 
@@ -170,7 +170,10 @@ class StatusRoutes:
             return Reply(405, [("allow", "GET, HEAD, DELETE"), ("content-length", "0")], b"")
         if not is_valid_id(task_id):
             return not_found()
-        record: TaskRecord | None = runtime.get(task_id)
+        try:
+            record: TaskRecord | None = runtime.get(task_id)
+        except StoreError as exc:  # a shared store is down: try again, not a server error
+            return overloaded(RegistryFull(str(exc)))
         if record is None:
             return not_found()
         return record
@@ -181,14 +184,18 @@ class StatusRoutes:
             # 404, not 403: a refused reader learns nothing, not even that the id exists.
             return not_found()
         if method == "DELETE":
-            if record.status in FINISHED or not runtime.cancel(record.id):
-                # Finished before (or while) we looked: there is nothing to cancel.
-                status = (runtime.get(record.id) or record).status
-                return _json(409, {"detail": f"Task already {status}", "status": status})
-            return _record(
-                202, runtime.get(record.id) or record, include_result=self.include_result
-            )
+            try:
+                return self._cancel(runtime, record)
+            except StoreError as exc:
+                return overloaded(RegistryFull(str(exc)))
         return _record(200, record, include_result=self.include_result)
+
+    def _cancel(self, runtime: Any, record: TaskRecord) -> Reply:
+        if record.status in FINISHED or not runtime.cancel(record.id):
+            # Finished before (or while) we looked: there is nothing to cancel.
+            status = (runtime.get(record.id) or record).status
+            return _json(409, {"detail": f"Task already {status}", "status": status})
+        return _record(202, runtime.get(record.id) or record, include_result=self.include_result)
 
     @staticmethod
     def action(method: str) -> Action:

@@ -172,6 +172,7 @@ class Runtime:
         process_pool_size: int | None = None,
         process_max_tasks: int | None = 100,
         process_idle_timeout: float = 60.0,
+        consume: bool = True,
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
@@ -220,6 +221,8 @@ class Runtime:
         self.process_pool_size = process_pool_size
         self.process_max_tasks = process_max_tasks
         self.process_idle_timeout = float(process_idle_timeout)
+        #: Runs durable work queued by other hosts (a shared store); False: enqueue only.
+        self.consume = bool(consume)
         self._store_arg = store
         self.store: Store = _open_store_spec(store)
         self._persist = self.store.durable  # records go to the store at every transition
