@@ -226,6 +226,7 @@ class Runtime:
         self._store_arg = store
         self.store: Store = _open_store_spec(store)
         self._persist = self.store.durable  # records go to the store at every transition
+        self._replay: Any = None  # bgtasks._durable.Replay, on a durable store
 
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
         self._registry: dict[str, TaskHandle] = {}  # every known task, until it expires
@@ -286,12 +287,29 @@ class Runtime:
             self._sem = asyncio.Semaphore(self.max_concurrency)
         self._thread_sem = asyncio.Semaphore(self.max_threads)
         self._deadlines = Deadlines(self._loop)
-        await self.store.open(self)
+        await self.store.open()
         self._state = "started"
         self._side(self._sweep_loop())
         if self.memory_limit is not None:
             self._side(self._memory_loop())
-        await self.store.started(self)
+        if self.store.durable:
+            from ._durable.replay import Replay
+
+            replay = Replay(self, self.store)
+            try:
+                await replay.start()
+            except BaseException:
+                await self._abort_start()
+                raise
+            self._replay = replay
+
+    async def _abort_start(self) -> None:
+        """Start failed after the store opened: leave nothing running."""
+        self._state = "closed"
+        for side in tuple(self._side_tasks):
+            side.cancel()
+        with contextlib.suppress(Exception):
+            await self.store.close()
 
     async def shutdown(self) -> None:
         """Graceful shutdown: ``beforeunload("shutdown")``, wait up to
@@ -324,9 +342,9 @@ class Runtime:
                     self.shutdown_grace,
                     "cancelling them" if not self.store.durable else "stopping them",
                 )
-                await self.store.before_cancel(
-                    self, [t for t in leftover if t._status not in FINISHED]
-                )
+                from ._durable.replay import release
+
+                await release(self.store, [t._id for t in leftover if t._status not in FINISHED])
                 for t in leftover:
                     self._stop(t, None)
                 # Cancelled coroutines finish at once; a thread stuck in a system call is
@@ -342,7 +360,9 @@ class Runtime:
                 self._deadlines.close()
             if self._process_pool is not None:
                 await self._process_pool.aclose()
-            await self.store.close(self)
+            if self._replay is not None:
+                await self._replay.stop()
+            await self.store.close()
             self._state = "closed"
 
     async def _wait_idle(self, timeout: float | None) -> bool:
@@ -610,7 +630,7 @@ class Runtime:
             _context.responder.set(None)
         work = t._work
         if self._persist:  # a shared store: other processes read this record
-            self.store.save(t)
+            self.store.save(t._snapshot())
         try:
             if self._sem is not None:
                 async with self._sem:
@@ -665,7 +685,8 @@ class Runtime:
         t._started_at = _now()
         if t._x is not None:
             t._x.stop_exc = None
-        self.store.save(t)
+        if self._persist:
+            self.store.save(t._snapshot())
 
     async def _attempt(self, t: TaskHandle, spec: Spec) -> Any:
         limits = spec.limits
@@ -819,7 +840,8 @@ class Runtime:
             t._started_at = _now()
         t._status = "failed"
         t._finished_at = _now()
-        self.store.save(t)
+        if self._persist:
+            self.store.save(t._snapshot())
         handlers = self._handlers["unhandledrejection"]
         event = UnhandledRejectionEvent(t.record, exc)
         try:
@@ -853,7 +875,7 @@ class Runtime:
         t._task = None
         t._work = None
         if status != "failed" and self._persist:
-            self.store.save(t)
+            self.store.save(t._snapshot())
         if self.retention > 0:
             finished = self._finished
             finished.append(t._id)
@@ -1169,7 +1191,7 @@ class Runtime:
                 del registry[t._id]
                 n += 1
             finished.popleft()
-        self.store.expire(self, cutoff)
+        self.store.expire(cutoff)
         return n
 
     async def _memory_loop(self) -> None:

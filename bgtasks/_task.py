@@ -1,8 +1,10 @@
-"""TaskRecord, TaskStatus and ErrorInfo (the wire shape), and TaskHandle."""
+"""TaskRecord, TaskStatus, ErrorInfo and StepRecord (the wire shape), the
+immutable TaskSnapshot a store receives, and TaskHandle."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as _dt
 import threading
 import time
@@ -13,9 +15,19 @@ import pydantic
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["ErrorInfo", "Progress", "TaskHandle", "TaskRecord", "TaskStatus"]
+__all__ = [
+    "ErrorInfo",
+    "Progress",
+    "StepRecord",
+    "StepStatus",
+    "TaskHandle",
+    "TaskRecord",
+    "TaskSnapshot",
+    "TaskStatus",
+]
 
 TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+StepStatus = Literal["running", "succeeded", "failed", "sleeping"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 _now = time.time
 
@@ -43,6 +55,19 @@ class Progress(pydantic.BaseModel):
     message: str | None = None
 
 
+class StepRecord(pydantic.BaseModel):
+    """One step of a task, as the status route shows it (see ``bgtasks.step``)."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    name: str
+    status: StepStatus
+    attempts: int = 0
+    started_at: _dt.datetime | None = None
+    finished_at: _dt.datetime | None = None
+    error: ErrorInfo | None = None
+
+
 class TaskRecord(pydantic.BaseModel):
     """A snapshot of one task: the JSON the status route returns."""
 
@@ -58,6 +83,8 @@ class TaskRecord(pydantic.BaseModel):
     error: ErrorInfo | None = None
     result: pydantic.JsonValue = None
     progress: Progress | None = None
+    steps: list[StepRecord] = []
+    wake_at: _dt.datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -66,6 +93,46 @@ class TaskRecord(pydantic.BaseModel):
 
 def _utc(ts: float | None) -> _dt.datetime | None:
     return None if ts is None else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskSnapshot:
+    """One task's state at one transition, as a store receives it.
+
+    Immutable, so a store may keep it and write it later from another thread.
+    Times are Unix timestamps (``time.time()``); ``result`` is a JSON value.
+    It is re-exported by ``bgtasks.stores.base``, where the Store protocol is.
+    """
+
+    id: str
+    name: str
+    status: TaskStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    error: ErrorInfo | None = None
+    result: Any = None
+    progress: Progress | None = None
+    wake_at: float | None = None
+    steps: tuple[StepRecord, ...] = ()
+
+    def record(self, *, include_result: bool = True) -> TaskRecord:
+        """The TaskRecord of this snapshot: the one place a record is built from one."""
+        return TaskRecord.model_construct(
+            id=self.id,
+            name=self.name,
+            status=self.status,
+            created_at=_utc(self.created_at),
+            started_at=_utc(self.started_at),
+            finished_at=_utc(self.finished_at),
+            attempts=self.attempts,
+            error=self.error,
+            result=self.result if include_result else None,
+            progress=self.progress,
+            steps=list(self.steps),
+            wake_at=_utc(self.wake_at),
+        )
 
 
 class TaskHandle:
@@ -142,11 +209,30 @@ class TaskHandle:
             error=self._error,
             result=self._result,
             progress=self._progress,
+            steps=[],
+            wake_at=None,
+        )
+
+    def _snapshot(self) -> TaskSnapshot:
+        """The immutable state a store receives (never the live handle)."""
+        return TaskSnapshot(
+            id=self._id,
+            name=self._name,
+            status=self._status,
+            created_at=self._created_at,
+            started_at=self._started_at,
+            finished_at=self._finished_at,
+            attempts=self._attempts,
+            error=self._error,
+            result=self._result,
+            progress=self._progress,
         )
 
     def _report_progress(self, done: float, total: float | None, message: str | None) -> None:
         self._progress = Progress(done=done, total=total, message=message)
-        self._rt.store.save(self)
+        rt = self._rt
+        if rt._persist:
+            rt.store.save(self._snapshot())
 
     def cancel(self) -> bool:
         """Cancel the task; False if it had already finished."""

@@ -404,9 +404,9 @@ def test_status_reads_of_a_non_memory_store_run_off_the_event_loop() -> None:
     class FileLikeStore(MemoryStore):
         durable = True
 
-        async def open(self, runtime: bgtasks.Runtime) -> None:
+        async def open(self) -> None:
             loop_threads.add(threading.get_ident())
-            await super().open(runtime)
+            await super().open()
 
         def load(self, task_id: str) -> bgtasks.TaskRecord | None:
             load_threads.append(threading.get_ident())

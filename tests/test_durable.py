@@ -346,7 +346,7 @@ async def test_a_failed_journal_write_refuses_the_call_and_leaves_no_trace(
         store = rt.store
         assert isinstance(store, SQLiteStore)
 
-        def broken(runtime: Any, entry: Any) -> concurrent.futures.Future[Any]:
+        def broken(entry: Any) -> concurrent.futures.Future[Any]:
             fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
             fut.set_exception(bgtasks.StoreError("disk I/O error"))
             return fut

@@ -1,128 +1,116 @@
-"""procrastinate as the engine: one procrastinate job runs one durable bgtasks task.
+"""procrastinate as the engine: one procrastinate job per durable bgtasks task.
 
-The job's only argument is the task id; everything else (the function, its
-JSON arguments, its limits and retries) is in bgtasks' record. A worker that
-fetches the job hands the task to its runtime (``run_claimed``), so limits,
-hooks, retries and ``max_concurrency`` apply exactly as for any other task.
+The job's only argument is the task id; the call itself (function, JSON
+arguments, limits, retries) is in bgtasks' record. The store runs
+procrastinate's own ``Worker`` on its loop. The job function does not run the
+task: it offers it on the ``Desk``, where the runtime's durable part takes it
+with ``Store.claim`` (so limits, hooks, retries and ``max_concurrency`` apply
+as for any task), and holds the job until the runtime's outcome:
 
-What the engine owns, and bgtasks does not re-implement: the queue and its
-claims (``fetch_job``), worker heartbeats and stalled-job detection
-(``get_stalled_jobs``), retries of a job (``retry_job``), and abort
-(``cancel_job_by_id(abort=True)``, delivered to the worker that runs the job).
+- the task finished (its final record is committed): the job succeeds;
+- ``Store.release`` (graceful shutdown, or no room here): ``Requeue``, which
+  the job's retry policy turns into "back in the queue now";
+- ``Store.park``: ``Park``, back in the queue at ``wake_at``;
+- procrastinate aborts the job (a ``DELETE`` on any host): the task is
+  reported by ``Store.cancel_requests``, the runtime cancels it, the job ends
+  aborted.
+
+The engine owns the rest: claims (``fetch_job``), heartbeats, stalled-job
+detection (``get_stalled_jobs``), retries (``retry_job``) and abort.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-from typing import TYPE_CHECKING, Any
+import collections
+import dataclasses
+import datetime as dt
+from typing import TYPE_CHECKING
 
 from procrastinate import BaseRetryStrategy, RetryDecision
 
-from ..._errors import RegistryFull
-from ..._runtime import Spec
-from ..sqlite import ClaimedTask
+from ..base import ClaimedTask
 
 if TYPE_CHECKING:
     from procrastinate.jobs import Job
 
-    from ..._runtime import Runtime
-    from ..._task import TaskHandle
-
-__all__ = ["JOB_TASK", "Busy", "Requeue", "RetryPolicy", "bridge", "run_claimed"]
+__all__ = ["JOB_TASK", "Desk", "Held", "Park", "Requeue", "RetryPolicy"]
 
 #: The procrastinate task every bgtasks job runs.
 JOB_TASK = "bgtasks.run"
+#: What a held job waits for: "finished", "requeue", or a wake_at (parked).
+Outcome = str | float
 
 
 class Requeue(Exception):
-    """This host stopped the task (shutdown): the job goes back to the queue."""
+    """The runtime gave the task back (shutdown, or no room): queue it again now."""
 
 
-class Busy(Exception):
-    """This host's runtime is full (``max_pending``): try again soon."""
+class Park(Exception):
+    """The task sleeps (``step.sleep``): queue it again at ``wake_at``."""
+
+    def __init__(self, wake_at: float) -> None:
+        super().__init__(f"parked until {wake_at}")
+        self.wake_at = wake_at
 
 
 class RetryPolicy(BaseRetryStrategy):
-    """procrastinate retries a job only to move it to another host (Requeue) or
-    to wait for room (Busy); a task's own retries are bgtasks' (``retries=N``)."""
+    """procrastinate retries a job only to hand it back (Requeue) or to wake it
+    later (Park); a task's own retries are bgtasks' (``retries=N``)."""
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         if isinstance(exception, Requeue):
             return RetryDecision()  # now, for whichever worker fetches it first
-        if isinstance(exception, Busy):
-            return RetryDecision(retry_in={"seconds": 1})
+        if isinstance(exception, Park):
+            return RetryDecision(
+                retry_at=dt.datetime.fromtimestamp(exception.wake_at, dt.timezone.utc)
+            )
         return None
 
 
-def run_claimed(rt: Runtime, claimed: ClaimedTask) -> TaskHandle:
-    """Admit and launch a claimed durable task on ``rt`` (call on the runtime's loop).
+@dataclasses.dataclass(slots=True)
+class Held:
+    """A fetched job whose task is offered to, or run by, the runtime."""
 
-    Raises ``RegistryFull`` when the runtime has no room or is shutting down.
-    """
-    from ... import _durable  # the durable module imports the runtime: import late
-
-    try:
-        spec = _durable._spec_of(rt, claimed)
-    except Exception as exc:
-        # Reported through the normal path: the record fails with this error.
-        spec = Spec("coro", _durable._raise(exc))
-    try:
-        t = rt._admit(claimed.name, spec, task_id=claimed.id)
-    except RegistryFull:
-        if spec.kind == "coro":
-            spec.fn.close()
-        raise
-    t._created_at = claimed.created_at
-    t._attempts = claimed.attempts
-    t._progress = claimed.progress
-    rt._launch(t)
-    return t
+    claimed: ClaimedTask
+    done: asyncio.Future[Outcome]
+    taken: bool = False  # handed to the runtime by claim()
+    aborted: bool = False  # procrastinate aborted the job: the runtime must cancel it
 
 
-async def _on_loop(fn: Any, *args: Any) -> Any:
-    return fn(*args)
+class Desk:
+    """The jobs this host's worker holds. Used on the store's loop only."""
 
+    def __init__(self) -> None:
+        self.held: dict[str, Held] = {}
+        self._ready: collections.deque[str] = collections.deque()
 
-async def bridge(
-    rt: Runtime, claimed: ClaimedTask, requeued: set[str], on_closing: Any
-) -> None:
-    """The body of a job, on the store's loop: run the task on the runtime's loop
-    and wait for it. A cancelled job (abort: a ``DELETE`` on any host) cancels the
-    task; a task this host stopped at shutdown raises ``Requeue``."""
-    loop = rt._loop
-    assert loop is not None
-    start: concurrent.futures.Future[TaskHandle] = asyncio.run_coroutine_threadsafe(
-        _on_loop(run_claimed, rt, claimed), loop
-    )
-    started = asyncio.wrap_future(start)
-    aborted = False
-    try:
-        t = await asyncio.shield(started)
-    except asyncio.CancelledError:
-        aborted = True
-        try:
-            t = await started
-        except RegistryFull:
-            raise asyncio.CancelledError from None
-    except RegistryFull:
-        if rt._state != "started":
-            on_closing()
-            raise Requeue(f"task {claimed.id}: this host is shutting down") from None
-        raise Busy(f"task {claimed.id}: this host is full (max_pending)") from None
-    if aborted:
-        loop.call_soon_threadsafe(rt.cancel, t.id)
-    done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(t.wait(), loop))
-    while True:
-        try:
-            await asyncio.shield(done)
-            break
-        except asyncio.CancelledError:
-            if done.cancelled():
-                raise
-            aborted = True
-            loop.call_soon_threadsafe(rt.cancel, t.id)
-    if t.id in requeued:
-        raise Requeue(f"task {t.id} was stopped by this host's shutdown")
-    if aborted:
-        raise asyncio.CancelledError
+    def offer(self, claimed: ClaimedTask) -> Held:
+        held = Held(claimed, asyncio.get_running_loop().create_future())
+        self.held[claimed.entry.id] = held
+        self._ready.append(claimed.entry.id)
+        return held
+
+    def take(self, limit: int) -> list[ClaimedTask]:
+        out: list[ClaimedTask] = []
+        while self._ready and len(out) < limit:
+            held = self.held.get(self._ready.popleft())
+            if held is not None and not held.taken and not held.done.done():
+                held.taken = True
+                out.append(held.claimed)
+        return out
+
+    def settle(self, task_id: str, outcome: Outcome) -> None:
+        held = self.held.get(task_id)
+        if held is not None and not held.done.done():
+            held.done.set_result(outcome)
+
+    def remove(self, task_id: str) -> None:
+        self.held.pop(task_id, None)
+
+    def aborted(self) -> list[str]:
+        return [i for i, h in self.held.items() if h.aborted and h.taken and not h.done.done()]
+
+    def requeue_all(self) -> None:
+        for task_id in list(self.held):
+            self.settle(task_id, "requeue")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TABLE", "create_tables", "missing_tables"]
+__all__ = ["STEPS", "TABLE", "create_tables", "missing_tables"]
 
 TABLE = "bgtasks_tasks"
+STEPS = "bgtasks_steps"
 
+#: Text columns hold JSON in the same shapes as the SQLite store's rows.
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     id               text PRIMARY KEY,
@@ -24,9 +26,11 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     started_at       double precision,
     finished_at      double precision,
     attempts         integer NOT NULL DEFAULT 0,
-    error            jsonb,
-    result           jsonb,
-    progress         jsonb,
+    error            text,
+    result           text,
+    progress         text,
+    wake_at          double precision,
+    steps            text,
     durable          boolean NOT NULL DEFAULT false,
     target           text,
     payload          text,
@@ -41,7 +45,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_idempotency_idx
     ON {TABLE} (name, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {TABLE}_finished_idx
     ON {TABLE} (finished_at) WHERE finished_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS {TABLE}_job_idx ON {TABLE} (job_id) WHERE job_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {TABLE}_listing_idx ON {TABLE} (created_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS {STEPS} (
+    task_id text NOT NULL,
+    name    text NOT NULL,
+    value   text NOT NULL,
+    PRIMARY KEY (task_id, name)
+);
 """
 
 

@@ -1,0 +1,773 @@
+"""``PostgresStore``: the Store protocol over PostgreSQL, with procrastinate's jobs
+standing for claims (see ``_engine``) instead of leases."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from ..._errors import StoreError
+from ..._task import FINISHED, ErrorInfo, TaskRecord, TaskSnapshot
+from ..base import ClaimedTask, JournalEntry, ListQuery, Page, encode_cursor
+from ..sqlite.rows import CLAIM_COLUMNS, LIST_COLUMNS, RECORD_COLUMNS, claimed, entry_row
+from ..sqlite.rows import snapshot as snapshot_of
+from ..sqlite.rows import snapshot_row as sqlite_snapshot_row
+from ._engine import JOB_TASK, Desk, Park, Requeue, RetryPolicy
+from ._loop import LoopThread
+from ._schema import STEPS, TABLE, create_tables, missing_tables
+
+__all__ = ["PostgresStore"]
+
+logger = logging.getLogger("bgtasks")
+T = TypeVar("T")
+
+_OPEN = "status IN ('pending', 'running')"
+_SAVE = f"""
+INSERT INTO {TABLE} (id, name, status, created_at, started_at, finished_at, attempts,
+                     error, result, progress, wake_at, steps)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (id) DO UPDATE SET
+    status = EXCLUDED.status, started_at = EXCLUDED.started_at,
+    finished_at = EXCLUDED.finished_at, attempts = EXCLUDED.attempts,
+    error = EXCLUDED.error, result = EXCLUDED.result, progress = EXCLUDED.progress,
+    wake_at = EXCLUDED.wake_at, steps = EXCLUDED.steps, updated_at = now()
+WHERE {TABLE}.status IN ('pending', 'running')
+"""
+_JOURNAL = f"""
+INSERT INTO {TABLE} (id, name, status, created_at, durable, target, payload, options,
+                     idempotency_key, wake_at)
+VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+#: Options read from the store URL's query string (the rest goes to libpq).
+_URL_OPTIONS: dict[str, type] = {
+    "pool_size": int,
+    "concurrency": int,
+    "journal_timeout": float,
+    "connect_timeout": float,
+    "poll": float,
+    "heartbeat": float,
+    "stalled_after": float,
+    "max_crashes": int,
+}
+
+
+class PostgresStore:
+    """Records in PostgreSQL shared by every host; durable work as procrastinate jobs.
+
+    Options (keywords, or the store URL's query string:
+    ``postgresql://.../db?concurrency=20&max_crashes=3``):
+
+    - ``pool_size``: connections this process opens at most (10);
+    - ``concurrency``: jobs this host holds at once (10); ``max_concurrency``
+      and ``max_pending`` still bound what runs;
+    - ``journal_timeout``: seconds a durable call waits for its commit before
+      it is refused (503 under an adapter) (5);
+    - ``poll``: seconds between two looks for jobs when no notification came (1);
+    - ``heartbeat`` / ``stalled_after``: a worker beats every ``heartbeat``
+      seconds; one silent for ``stalled_after`` seconds is dead and its jobs
+      run again on another host (5 / 30);
+    - ``max_crashes``: a task whose worker died this many times more is failed
+      with ``WorkerCrashed`` instead of run again (3).
+    """
+
+    durable = True
+    #: A durable call is run by whichever consuming host fetches its job.
+    dispatches_durable = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        concurrency: int = 10,
+        journal_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        poll: float = 1.0,
+        heartbeat: float = 5.0,
+        stalled_after: float = 30.0,
+        max_crashes: int = 3,
+        queue: str = "bgtasks",
+    ) -> None:
+        if not url.startswith(("postgresql://", "postgres://")):
+            msg = f"a PostgreSQL store URL starts with postgresql://, got {url!r}."
+            raise ValueError(msg)
+        for value, what in ((pool_size, "pool_size"), (concurrency, "concurrency")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                msg = f"{what} must be an integer >= 1, got {value!r}."
+                raise ValueError(msg)
+        if not 0 < heartbeat < stalled_after:
+            msg = (
+                f"heartbeat ({heartbeat:g}s) must be > 0 and shorter than stalled_after "
+                f"({stalled_after:g}s), or live workers would be taken for dead."
+            )
+            raise ValueError(msg)
+        self.url = url
+        self.pool_size = pool_size
+        self.concurrency = concurrency
+        self._journal_timeout = float(journal_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.fetch_poll = float(poll)
+        self.heartbeat = float(heartbeat)
+        self.stalled_after = float(stalled_after)
+        self.max_crashes = int(max_crashes)
+        self.queue = queue
+        parts = urllib.parse.urlsplit(url)
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        self._io = LoopThread("bgtasks-postgres", self._store_error)
+        self._pool: Any = None
+        self._app: Any = None
+        self._job_task: Any = None
+        self._worker: Any = None
+        self._consumer: concurrent.futures.Future[None] | None = None
+        self._closing = False
+        self._desk = Desk()
+        self._dirty: dict[str, TaskSnapshot] = {}
+        self._dirty_lock = threading.Lock()
+        self._flushing: asyncio.Task[None] | None = None
+        self._sides: set[asyncio.Task[Any]] = set()
+        self._dropped: set[str] = set()  # released or parked: later saves are dropped
+        self._owned: set[str] = set()  # unfinished tasks this process runs
+        self._last_cancel_look = 0.0
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self.where}>"
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        parts = urllib.parse.urlsplit(url)
+        kept: list[tuple[str, str]] = []
+        options: dict[str, Any] = {}
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+            convert = _URL_OPTIONS.get(key)
+            if convert is None:
+                kept.append((key, value))
+                continue
+            try:
+                options[key] = convert(value)
+            except ValueError:
+                msg = f"store URL option {key}={value!r} is not a {convert.__name__}."
+                raise ValueError(msg) from None
+        clean = parts._replace(query=urllib.parse.urlencode(kept)).geturl()
+        return cls(clean, **options)
+
+    @property
+    def journal_timeout(self) -> float:
+        return self._journal_timeout
+
+    @property
+    def poll(self) -> float:
+        """How often the runtime looks for jobs this host's worker fetched: an
+        in-memory look, so often (the worker itself waits for notifications)."""
+        return 0.05
+
+    def _store_error(self, exc: BaseException) -> BaseException:
+        module = type(exc).__module__
+        if not (
+            module.startswith(("psycopg", "procrastinate"))
+            or isinstance(exc, (asyncio.TimeoutError, OSError))
+        ):
+            return exc
+        detail = str(exc).strip() or type(exc).__name__
+        return StoreError(
+            f"PostgreSQL at {self.where} is unreachable or failed ({type(exc).__name__}: "
+            f"{detail})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        self._closing = False
+        self._io.start()
+        try:
+            await asyncio.wrap_future(self._io.submit(self._open()))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(self._io.submit(self._close_pool()))
+            self._io.stop()
+            raise
+
+    async def _open(self) -> None:
+        import procrastinate
+        import psycopg_pool
+
+        pool = psycopg_pool.AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            open=False,
+            timeout=self._journal_timeout,
+            kwargs={"connect_timeout": max(1, round(self.connect_timeout))},
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            name="bgtasks",
+        )
+        self._pool = pool
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            msg = (
+                f"cannot connect to PostgreSQL at {self.where} within "
+                f"{self.connect_timeout:g}s; check that it runs and that the store URL "
+                "(user, password, host, port, database) is right"
+            )
+            raise StoreError(msg) from exc
+        async with pool.connection() as conn:
+            missing = await missing_tables(conn)
+        if missing:
+            msg = (
+                f"the database {self.where} has no {' and no '.join(missing)} table: run "
+                "`bgtasks migrate MODULE:RUNTIME` once (or `await store.migrate()`) before "
+                "starting the app"
+            )
+            raise StoreError(msg)
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+        await app.open_async(pool)
+        self._app = app
+
+        @app.task(name=JOB_TASK, queue=self.queue, pass_context=True, retry=RetryPolicy())
+        async def run_task(context: procrastinate.JobContext, task_id: str) -> None:
+            await self._run_job(task_id)
+
+        self._job_task = run_task
+
+    async def close(self) -> None:
+        self._stop_consuming()
+        consumer = self._consumer
+        if consumer is not None:  # its jobs end once requeued
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(consumer)), 10.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self._io.submit(self._stop_sides()))
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self._io.submit(self._flush_all()))
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self._io.submit(self._close_pool()))
+        self._io.stop()
+
+    def _stop_consuming(self) -> None:
+        def stop() -> None:
+            self._closing = True
+            if self._worker is not None:
+                self._worker.stop()
+            self._desk.requeue_all()
+
+        self._io.soon(stop)
+
+    def _side(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._sides.add(task)
+
+    async def _stop_sides(self) -> None:
+        sides, self._sides = self._sides, set()
+        for task in sides:
+            task.cancel()
+        await asyncio.gather(*sides, return_exceptions=True)
+
+    async def _close_pool(self) -> None:
+        app, pool = self._app, self._pool
+        self._app = self._pool = None
+        if app is not None:
+            with contextlib.suppress(Exception):
+                await app.close_async()
+        if pool is not None:
+            await pool.close()
+
+    # ------------------------------------------------------------------ the worker
+    async def _consume(self) -> None:
+        """procrastinate's worker, until close; restarted if the database went
+        away under it (it stops itself when its listener fails)."""
+        from procrastinate import worker
+
+        self._side()
+        recover = asyncio.ensure_future(self._recover_loop())
+        try:
+            while not self._closing:
+                self._worker = worker.Worker(
+                    self._app,
+                    queues=[self.queue],
+                    name=f"bgtasks-{threading.get_native_id()}",
+                    concurrency=self.concurrency,
+                    fetch_job_polling_interval=self.fetch_poll,
+                    abort_job_polling_interval=self.fetch_poll,
+                    shutdown_graceful_timeout=None,  # the runtime's shutdown_grace decides
+                    delete_jobs="always",  # bgtasks' record keeps the outcome
+                    install_signal_handlers=False,
+                    update_heartbeat_interval=self.heartbeat,
+                    stalled_worker_timeout=self.stalled_after,
+                )
+                try:
+                    await self._worker.run()
+                except Exception as exc:
+                    if self._closing:
+                        break
+                    logger.warning("bgtasks: the job worker stopped (%s); restarting it", exc)
+                    await asyncio.sleep(self.fetch_poll)
+        finally:
+            recover.cancel()
+
+    async def _run_job(self, task_id: str) -> None:
+        """One job: offer its task to the runtime, hold the job until it is done."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {CLAIM_COLUMNS}, status, cancel_requested FROM {TABLE} WHERE id = %s",
+                (task_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            logger.warning("bgtasks: a job for task %s, which has no record; skipped", task_id)
+            return
+        status, cancel = row[-2], row[-1]
+        if status in FINISHED:
+            return
+        if cancel:
+            await self._finish(task_id, "cancelled", None)
+            return
+        try:
+            claim = claimed(row[:-2])
+        except ValueError as exc:
+            error = ErrorInfo(type="StoreError", message=f"cannot run task {task_id}: {exc}")
+            await self._finish(task_id, "failed", error)
+            return
+        if self._closing:
+            raise Requeue(f"task {task_id}: this host is shutting down")
+        self._dropped.discard(task_id)
+        held = self._desk.offer(claim)
+        try:
+            while True:
+                try:
+                    outcome = await asyncio.shield(held.done)
+                    break
+                except asyncio.CancelledError:
+                    if held.done.cancelled():
+                        raise
+                    if not held.taken:  # still waiting here: nothing runs it
+                        held.done.set_result("finished")
+                        await asyncio.shield(self._finish(task_id, "cancelled", None))
+                        raise
+                    held.aborted = True  # cancel_requests() tells the runtime
+        finally:
+            self._desk.remove(task_id)
+        if held.aborted:
+            raise asyncio.CancelledError
+        if outcome == "requeue":
+            raise Requeue(f"task {task_id} was given back")
+        if isinstance(outcome, float):
+            raise Park(outcome)
+
+    async def _finish(self, task_id: str, status: str, error: ErrorInfo | None) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                f"UPDATE {TABLE} SET status = %s, error = %s, finished_at = %s, "
+                f"updated_at = now() WHERE id = %s AND {_OPEN}",
+                (
+                    status,
+                    None if error is None else error.model_dump_json(),
+                    time.time(),
+                    task_id,
+                ),
+            )
+
+    async def _recover_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.heartbeat, self.fetch_poll))
+            try:
+                await self._io.guard(self.recover_stalled())
+            except StoreError as exc:
+                logger.warning("bgtasks: could not look for stalled jobs: %s", exc)
+
+    async def recover_stalled(self) -> int:
+        """Jobs of workers that stopped beating run again (procrastinate's
+        ``get_stalled_jobs`` and ``retry_job``); a task past ``max_crashes`` fails
+        instead. One host at a time (an advisory lock). Returns how many."""
+        from procrastinate.jobs import Status
+
+        manager = self._app.job_manager
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(hashtext('bgtasks.recover'))"
+            )
+            got = await cur.fetchone()
+            if not got or not got[0]:
+                return 0
+            stalled = list(
+                await manager.get_stalled_jobs(
+                    task_name=JOB_TASK, seconds_since_heartbeat=self.stalled_after
+                )
+            )
+            for job in stalled:
+                task_id = job.task_kwargs.get("task_id")
+                cur = await conn.execute(
+                    f"UPDATE {TABLE} SET crashes = crashes + 1, updated_at = now() "
+                    "WHERE id = %s RETURNING crashes",
+                    (task_id,),
+                )
+                row = await cur.fetchone()
+                crashes = row[0] if row else 0
+                if crashes > self.max_crashes:
+                    error = ErrorInfo(
+                        type="WorkerCrashed",
+                        message=(
+                            f"the worker running this task died {crashes} times (killed, out "
+                            f"of memory, or its host lost); it is not run again "
+                            f"(max_crashes={self.max_crashes})"
+                        ),
+                    )
+                    await conn.execute(
+                        f"UPDATE {TABLE} SET status = 'failed', error = %s, finished_at = %s "
+                        f"WHERE id = %s AND {_OPEN}",
+                        (error.model_dump_json(), time.time(), task_id),
+                    )
+                    await manager.finish_job(job, status=Status.FAILED, delete_job=True)
+                else:
+                    await conn.execute(
+                        f"UPDATE {TABLE} SET status = 'pending' WHERE id = %s AND {_OPEN}",
+                        (task_id,),
+                    )
+                    await manager.retry_job(job)
+            if stalled:
+                logger.warning(
+                    "bgtasks: %d task(s) whose worker stopped beating go back to the queue",
+                    len(stalled),
+                )
+            return len(stalled)
+
+    # ------------------------------------------------------------------ claims
+    def claim(self, limit: int) -> concurrent.futures.Future[builtins.list[ClaimedTask]]:
+        """Tasks of jobs this host's worker fetched (the worker starts at the
+        first claim: a runtime with ``consume=False`` never claims)."""
+        return self._io.submit(self._claim(limit))
+
+    async def _claim(self, limit: int) -> builtins.list[ClaimedTask]:
+        if self._consumer is None and not self._closing:
+            self._consumer = asyncio.run_coroutine_threadsafe(
+                self._consume(), asyncio.get_running_loop()
+            )
+        taken = self._desk.take(limit) if limit > 0 else []
+        self._owned.update(c.entry.id for c in taken)
+        return taken
+
+    def release(self, ids: Sequence[str]) -> concurrent.futures.Future[None]:
+        return self._io.submit(self._release(list(ids)))
+
+    async def _release(self, ids: builtins.list[str]) -> None:
+        held = [i for i in ids if i in self._desk.held]
+        if not held:
+            return
+        self._dropped.update(held)
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                f"UPDATE {TABLE} SET status = 'pending', finished_at = NULL, updated_at = now() "
+                f"WHERE id = ANY(%s) AND {_OPEN}",
+                (held,),
+            )
+        for task_id in held:
+            self._owned.discard(task_id)
+            self._desk.settle(task_id, "requeue")
+
+    def park(self, task_id: str, wake_at: float) -> concurrent.futures.Future[None]:
+        return self._io.submit(self._park(task_id, wake_at))
+
+    async def _park(self, task_id: str, wake_at: float) -> None:
+        self._dropped.add(task_id)
+        self._owned.discard(task_id)
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                f"UPDATE {TABLE} SET status = 'pending', wake_at = %s, updated_at = now() "
+                f"WHERE id = %s AND {_OPEN}",
+                (wake_at, task_id),
+            )
+        self._desk.settle(task_id, float(wake_at))
+
+    def request_cancel(self, task_id: str) -> bool:
+        """A queued job is cancelled at once; a running one is aborted through
+        procrastinate, which tells the worker holding it."""
+        if self._io.loop is None:
+            return False
+        return self._io.call(self._request_cancel(task_id), self._wait_bound)
+
+    async def _request_cancel(self, task_id: str) -> bool:
+        from procrastinate.jobs import Status
+
+        manager = self._app.job_manager
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                f"UPDATE {TABLE} SET cancel_requested = true, updated_at = now() "
+                f"WHERE id = %s AND {_OPEN} RETURNING job_id",
+                (task_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            job_id = row[0]
+            if job_id is not None and await manager.cancel_job_by_id_async(
+                job_id, abort=True, connection=conn
+            ):
+                status = await manager.get_job_status_async(job_id, connection=conn)
+                if status is Status.CANCELLED:  # it was still queued: no worker will see it
+                    await conn.execute(
+                        f"UPDATE {TABLE} SET status = 'cancelled', finished_at = %s "
+                        f"WHERE id = %s AND {_OPEN}",
+                        (time.time(), task_id),
+                    )
+        return True
+
+    def cancel_requests(self) -> concurrent.futures.Future[builtins.list[str]]:
+        return self._io.submit(self._cancel_requests())
+
+    async def _cancel_requests(self) -> builtins.list[str]:
+        found = self._desk.aborted()
+        # Tasks with no job (not durable) have only the flag: look once a second.
+        others = [i for i in self._owned if i not in self._desk.held]
+        now = time.monotonic()
+        if others and now - self._last_cancel_look >= 1.0:
+            self._last_cancel_look = now
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    f"SELECT id FROM {TABLE} WHERE id = ANY(%s) AND cancel_requested AND {_OPEN}",
+                    (others,),
+                )
+                found += [task_id for (task_id,) in await cur.fetchall()]
+        return found
+
+    # ------------------------------------------------------------------ writes
+    def save(self, snapshot: TaskSnapshot) -> None:
+        with self._dirty_lock:
+            first = not self._dirty
+            self._dirty[snapshot.id] = snapshot
+        if first:
+            self._io.soon(self._schedule_flush)
+
+    def _schedule_flush(self) -> None:
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._flush_all())
+
+    async def _flush_all(self) -> None:
+        while True:
+            with self._dirty_lock:
+                batch, self._dirty = self._dirty, {}
+            snaps = [s for s in batch.values() if s.id not in self._dropped]
+            if not snaps or self._pool is None:
+                return
+            rows = [_row(s) for s in snaps]
+            try:
+                async with (
+                    self._pool.connection() as conn,
+                    conn.transaction(),
+                    conn.cursor() as cur,
+                ):
+                    await cur.executemany(_SAVE, rows)
+            except Exception as exc:
+                logger.warning(
+                    "bgtasks: could not save %d task record(s) to %s (%s); retrying",
+                    len(rows),
+                    self.where,
+                    exc,
+                )
+                with self._dirty_lock:
+                    batch.update(self._dirty)
+                    self._dirty = batch
+                await asyncio.sleep(1.0)
+                continue
+            for s in snaps:
+                if s.status in FINISHED:
+                    self._owned.discard(s.id)
+                    self._desk.settle(s.id, "finished")  # its job ends, committed
+                else:
+                    self._owned.add(s.id)
+
+    async def flush(self) -> None:
+        """Wait until every record saved so far is committed (for tests and tools)."""
+        await asyncio.wrap_future(self._io.submit(self._flush_all()))
+
+    def journal(self, entry: JournalEntry) -> concurrent.futures.Future[TaskRecord | None]:
+        return self._io.submit(self._journal(entry))
+
+    async def _journal(self, entry: JournalEntry) -> TaskRecord | None:
+        return await asyncio.wait_for(self._journal_once(entry), self._wait_bound)
+
+    async def _journal_once(self, entry: JournalEntry) -> TaskRecord | None:
+        row = entry_row(entry, None, 0.0)
+        # entry_row: id, name, created_at, owner, now, durable, target, payload,
+        # options, idempotency_key, wake_at
+        params = (row[0], row[1], row[2], bool(row[5]), *row[6:])
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(_JOURNAL, params)
+            if await cur.fetchone() is None:
+                # The key is taken (committed by another host, or waited for one).
+                cur = await conn.execute(
+                    f"SELECT {RECORD_COLUMNS} FROM {TABLE} "
+                    "WHERE name = %s AND idempotency_key = %s",
+                    (entry.name, entry.idempotency_key),
+                )
+                found = await cur.fetchone()
+                if found is None:
+                    msg = f"task id {entry.id} is already taken"
+                    raise StoreError(msg)
+                return snapshot_of(found).record()
+            if entry.durable:
+                deferrer = self._job_task.configure(connection=conn)
+                if entry.wake_at is not None:
+                    import datetime as dt
+
+                    deferrer = self._job_task.configure(
+                        connection=conn,
+                        schedule_at=dt.datetime.fromtimestamp(entry.wake_at, dt.timezone.utc),
+                    )
+                job_id = await deferrer.defer_async(task_id=entry.id)
+                await conn.execute(
+                    f"UPDATE {TABLE} SET job_id = %s WHERE id = %s", (job_id, entry.id)
+                )
+        if not entry.durable:
+            self._owned.add(entry.id)
+        return None
+
+    def forget(self, task_id: str) -> None:
+        """Nothing to undo: a refused call's transaction was rolled back."""
+
+    def expire(self, cutoff: float) -> None:
+        async def delete() -> None:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    f"DELETE FROM {STEPS} WHERE task_id IN (SELECT id FROM {TABLE} "
+                    "WHERE finished_at IS NOT NULL AND finished_at <= %s)",
+                    (cutoff,),
+                )
+                await conn.execute(
+                    f"DELETE FROM {TABLE} WHERE finished_at IS NOT NULL AND finished_at <= %s "
+                    "AND status IN ('succeeded', 'failed', 'cancelled')",
+                    (cutoff,),
+                )
+
+        if self._io.loop is not None:
+            self._io.submit(delete())
+
+    def keep_step(
+        self, task_id: str, name: str, value_json: str
+    ) -> concurrent.futures.Future[None]:
+        async def keep() -> None:
+            async with self._pool.connection() as conn:
+                await conn.execute(
+                    f"INSERT INTO {STEPS} (task_id, name, value) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (task_id, name) DO UPDATE SET value = EXCLUDED.value",
+                    (task_id, name, value_json),
+                )
+
+        return self._io.submit(keep())
+
+    def kept_steps(self, task_id: str) -> concurrent.futures.Future[dict[str, str]]:
+        async def read() -> dict[str, str]:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    f"SELECT name, value FROM {STEPS} WHERE task_id = %s", (task_id,)
+                )
+                return {name: value for name, value in await cur.fetchall()}
+
+        return self._io.submit(read())
+
+    # ------------------------------------------------------------------ reads
+    @property
+    def _wait_bound(self) -> float:
+        return self._journal_timeout + self.connect_timeout
+
+    def load(self, task_id: str) -> TaskRecord | None:
+        if self._io.loop is None:
+            return None
+        return self._io.call(self._load(task_id), self._wait_bound)
+
+    async def _load(self, task_id: str) -> TaskRecord | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {RECORD_COLUMNS} FROM {TABLE} WHERE id = %s", (task_id,)
+            )
+            row = await cur.fetchone()
+        return None if row is None else snapshot_of(row).record()
+
+    def list(self, query: ListQuery) -> Page:
+        if self._io.loop is None:
+            return Page(items=[])
+        return self._io.call(self._list(query), self._wait_bound)
+
+    async def _list(self, q: ListQuery) -> Page:
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        after = q.after
+        if after is not None:
+            where.append("(created_at, id) < (%s, %s)")
+            args += [after[0], after[1]]
+        if q.statuses:
+            where.append("status = ANY(%s)")
+            args.append(builtins.list(q.statuses))
+        if q.names:
+            where.append("name = ANY(%s)")
+            args.append(builtins.list(q.names))
+        sql = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {LIST_COLUMNS} FROM {TABLE} {sql} "
+                "ORDER BY created_at DESC, id DESC LIMIT %s",
+                (*args, q.limit + 1),
+            )
+            rows = await cur.fetchall()
+        snaps = [snapshot_of(row) for row in rows]
+        items = snaps[: q.limit]
+        next_cursor = None
+        if len(snaps) > q.limit:
+            next_cursor = encode_cursor(items[-1].created_at, items[-1].id)
+        return Page(items=[s.record(include_result=False) for s in items], next_cursor=next_cursor)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        if self._io.loop is None:
+            return {"by_status": {}, "by_name": {}}
+        return self._io.call(self._stats(), self._wait_bound)
+
+    async def _stats(self) -> dict[str, dict[str, int]]:
+        async with self._pool.connection() as conn:
+            by_status = await (
+                await conn.execute(f"SELECT status, count(*) FROM {TABLE} GROUP BY status")
+            ).fetchall()
+            by_name = await (
+                await conn.execute(f"SELECT name, count(*) FROM {TABLE} GROUP BY name")
+            ).fetchall()
+        return {"by_status": dict(by_status), "by_name": dict(by_name)}
+
+    # ------------------------------------------------------------------ schema
+    async def migrate(self) -> builtins.list[str]:
+        """Create procrastinate's tables and bgtasks' (what ``bgtasks migrate`` runs).
+        Returns what it created; safe to run again, and from several hosts at once."""
+        import procrastinate
+        import psycopg
+        import psycopg_pool
+
+        pool = psycopg_pool.AsyncConnectionPool(
+            self.url, min_size=1, max_size=2, open=False, name="bgtasks-migrate"
+        )
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            await pool.close()
+            msg = f"cannot connect to PostgreSQL at {self.where} to migrate it"
+            raise StoreError(msg) from exc
+        try:
+            app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+            await app.open_async(pool)
+            async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                return await create_tables(conn, app)
+        finally:
+            await pool.close()
+
+
+def _row(s: TaskSnapshot) -> tuple[Any, ...]:
+    """The upsert's parameters: the SQLite row without its owner and time."""
+    r = sqlite_snapshot_row(s, None, 0.0)
+    # id, name, status, created, started, finished, attempts, error, result,
+    # progress, owner, now, wake_at, steps
+    return (*r[:10], r[12], r[13])
