@@ -81,6 +81,7 @@ async def _run_worker(rt: Runtime) -> None:
         logger.info("bgtasks: worker %d consuming durable tasks from %r", os.getpid(), rt.store)
         await stop.wait()
         logger.info("bgtasks: worker %d stopping", os.getpid())
+        rt.store.stop_consuming()  # type: ignore[attr-defined]  # a shared store (checked)
         # A second signal while draining leaves at once (the work is requeued by
         # the engine's stalled-job recovery).
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
-from bgtasks import Runtime, background
+from bgtasks import Limits, Runtime, background
 from bgtasks.stores.postgres import PostgresStore
 
 
@@ -39,6 +40,10 @@ async def add(a: int, b: int) -> int:
 async def hold(mark: str, hang_runs: int) -> int:
     """Notes this run in BGTASKS_TEST_MARKS/<mark>; the first ``hang_runs`` runs
     never end (until cancelled or killed), later ones return the run number."""
+    return await _hold(mark, hang_runs)
+
+
+async def _hold(mark: str, hang_runs: int) -> int:
     path = Path(os.environ["BGTASKS_TEST_MARKS"]) / mark
     with path.open("a") as f:
         f.write(f"{os.getpid()}\n")
@@ -48,9 +53,48 @@ async def hold(mark: str, hang_runs: int) -> int:
     return runs
 
 
+@background(durable=True, limits=Limits(wall_clock=0.3))
+async def too_slow() -> None:
+    await asyncio.Event().wait()
+
+
+@background
+async def idle() -> None:
+    """Not durable: runs where it was called, until cancelled."""
+    await asyncio.Event().wait()
+
+
 def worker_runtime() -> Runtime:
     return Runtime(store=store(), shutdown_grace=float(os.environ.get("BGTASKS_TEST_GRACE", "1")))
 
 
 #: What ``bgtasks worker pg_apps:worker`` runs.
 worker = worker_runtime
+
+
+# ---------------------------------------------------------------------- a web host
+@background(durable=True, name="pg_apps.hold_endpoint")
+async def hold_endpoint(mark: str, hang_runs: int) -> int:
+    return await _hold(mark, hang_runs)
+
+
+def web_app() -> Any:
+    """A FastAPI app that only enqueues (``consume=False``), as a web host would:
+    ``uvicorn pg_apps:app``."""
+    from fastapi import FastAPI
+
+    from bgtasks.asgi import BackgroundMiddleware
+
+    runtime = Runtime(store=store(), consume=False, shutdown_grace=1)
+    app = FastAPI()
+    app.add_middleware(BackgroundMiddleware, runtime=runtime)
+
+    @app.get("/_ready")
+    async def ready() -> dict[str, bool]:
+        return {"started": runtime.started}
+
+    app.add_api_route("/hold", hold_endpoint, methods=["POST"])
+    return app
+
+
+app = web_app()

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,11 +24,12 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pgserver import PgServer, find_bin_dir
-from serverutil import wait_for
+from serverutil import Server, free_port, wait_for
 
 import bgtasks
 from bgtasks._http import DEFAULT_PREFIX as PREFIX
 from bgtasks.asgi import BackgroundMiddleware
+from bgtasks.stores import ListQuery
 
 pytestmark = [
     pytest.mark.postgres,
@@ -144,6 +146,39 @@ async def test_cancel_from_another_host(pg_url: str, tmp_path: Path) -> None:
         jobs = query(pg_url, "SELECT j.status FROM procrastinate_jobs j "
                      "JOIN bgtasks_tasks t ON t.job_id = j.id WHERE t.id = %s", queued.id)
         assert jobs == [("cancelled",)]
+
+
+@pytest.mark.anyio
+async def test_limits_and_hooks_apply_on_the_host_that_runs_the_task(pg_url: str) -> None:
+    async with web(pg_url), consumer(pg_url) as back:
+        failures: list[bgtasks.UnhandledRejectionEvent] = []
+        back.on("unhandledrejection", failures.append)
+        handle = await pg_apps.too_slow.submit_async()
+        record = await handle.wait(10)
+        assert record.status == "failed"
+        assert record.error is not None and record.error.type == "WallClockLimitExceeded"
+        assert [e.task.id for e in failures] == [handle.id]
+
+
+@pytest.mark.anyio
+async def test_a_task_that_is_not_durable_is_read_and_cancelled_from_another_host(
+    pg_url: str,
+) -> None:
+    async with web(pg_url) as there, web(pg_url) as here:  # `here` is the active one
+        handle = await pg_apps.idle.submit_async()
+        assert here.handle(handle.id) is not None  # runs where it was called
+
+        def running_there() -> bool:
+            record = there.get(handle.id)
+            return record is not None and record.status == "running"
+
+        await asyncio.to_thread(wait_for, running_there, 10, "its record in the shared table")
+        page = await asyncio.to_thread(there.store.list, ListQuery(statuses=("running",)))
+        assert [r.id for r in page.items] == [handle.id]
+        stats = await asyncio.to_thread(there.store.stats)
+        assert stats["by_status"] == {"running": 1}
+        assert await asyncio.to_thread(there.cancel, handle.id) is True
+        assert (await handle.wait(10)).status == "cancelled"
 
 
 @pytest.mark.anyio
@@ -350,3 +385,67 @@ async def test_worker_killed_runs_again_elsewhere_then_fails_after_max_crashes(
     finally:
         for p in procs:
             p.close()
+
+
+def test_the_docs_example_runs(pg_server: PgServer, tmp_path: Path) -> None:
+    page = (TESTS.parent / "docs" / "postgres.md").read_text()
+    match = re.search(r"```python\n(# postgres-example\n.*?)```", page, re.S)
+    assert match is not None, "docs/postgres.md lost its runnable example"
+    script = tmp_path / "tasks.py"
+    script.write_text(match.group(1))
+    url = pg_server.create_database(f"bgtasks_test_{next(_db_names)}")
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=45,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "succeeded image 7 at 640px 1"
+
+
+@pytest.mark.server
+def test_two_uvicorn_hosts_and_a_worker_share_tasks(pg_url: str, tmp_path: Path) -> None:
+    env = {"BGTASKS_TEST_PG": pg_url, "BGTASKS_TEST_MARKS": str(tmp_path)}
+
+    def host() -> Server:
+        port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", "pg_apps:app", "--port", str(port)]
+        return Server([*argv, "--log-level", "warning"], port=port, env=env)
+
+    worker = Worker(pg_url, tmp_path)
+    try:
+        with host() as a, host() as b:
+            # One key sent to both hosts at once: one task.
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                replies = list(
+                    pool.map(
+                        lambda srv: httpx.post(
+                            srv.url + "/hold",
+                            params={"mark": "u", "hang_runs": 5},
+                            headers={"Idempotency-Key": "same"},
+                            timeout=10,
+                        ),
+                        [a, b, a, b],
+                    )
+                )
+            assert [r.status_code for r in replies] == [202] * 4, [r.text for r in replies]
+            (task_id,) = {r.json()["id"] for r in replies}
+            status_path = f"{PREFIX}/{task_id}"
+            # Run by the worker, seen from either host.
+            wait_for(lambda: runs(tmp_path, "u") != [], 20, "the worker to start the task")
+            seen = httpx.get(b.url + status_path, timeout=5).json()
+            assert seen["status"] == "running" and seen["attempts"] == 1
+            # DELETE on one host cancels it on the worker; the other host sees it.
+            assert httpx.delete(a.url + status_path, timeout=5).status_code == 202
+            wait_for(
+                lambda: httpx.get(b.url + status_path, timeout=5).json()["status"]
+                == "cancelled",
+                10,
+                "the cancel to reach the worker",
+            )
+    finally:
+        worker.close()
+    assert len(runs(tmp_path, "u")) == 1

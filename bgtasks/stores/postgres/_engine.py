@@ -111,6 +111,8 @@ class Desk:
     def aborted(self) -> list[str]:
         return [i for i, h in self.held.items() if h.aborted and h.taken and not h.done.done()]
 
-    def requeue_all(self) -> None:
-        for task_id in list(self.held):
-            self.settle(task_id, "requeue")
+    def requeue(self, *, taken: bool) -> None:
+        """Give back the jobs not taken by the runtime (and, if ``taken``, all)."""
+        for task_id, held in list(self.held.items()):
+            if taken or not held.taken:
+                self.settle(task_id, "requeue")

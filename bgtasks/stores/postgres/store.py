@@ -239,7 +239,7 @@ class PostgresStore:
         self._job_task = run_task
 
     async def close(self) -> None:
-        self._stop_consuming()
+        self._io.soon(self._stop_fetching, True)
         consumer = self._consumer
         if consumer is not None:  # its jobs end once requeued
             with contextlib.suppress(Exception):
@@ -252,14 +252,17 @@ class PostgresStore:
             await asyncio.wrap_future(self._io.submit(self._close_pool()))
         self._io.stop()
 
-    def _stop_consuming(self) -> None:
-        def stop() -> None:
-            self._closing = True
-            if self._worker is not None:
-                self._worker.stop()
-            self._desk.requeue_all()
+    def stop_consuming(self) -> None:
+        """Fetch no more jobs (a worker process got SIGTERM); jobs fetched but not
+        yet taken by the runtime go back to the queue now, for another host. The
+        tasks running here go on until the runtime's shutdown decides."""
+        self._io.soon(self._stop_fetching, False)
 
-        self._io.soon(stop)
+    def _stop_fetching(self, everything: bool) -> None:
+        self._closing = True
+        if self._worker is not None:
+            self._worker.stop()
+        self._desk.requeue(taken=everything)
 
     def _side(self) -> None:
         task = asyncio.current_task()
