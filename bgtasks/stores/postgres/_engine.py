@@ -34,16 +34,20 @@ from ..base import ClaimedTask
 if TYPE_CHECKING:
     from procrastinate.jobs import Job
 
-__all__ = ["JOB_TASK", "Desk", "Held", "Park", "Requeue", "RetryPolicy"]
+__all__ = ["JOB_TASK", "Busy", "Desk", "Held", "Park", "Requeue", "RetryPolicy"]
 
 #: The procrastinate task every bgtasks job runs.
 JOB_TASK = "bgtasks.run"
-#: What a held job waits for: "finished", "requeue", or a wake_at (parked).
+#: What a held job waits for: "finished", "requeue", "busy", or a wake_at (parked).
 Outcome = str | float
 
 
 class Requeue(Exception):
     """The runtime gave the task back (shutdown, or no room): queue it again now."""
+
+
+class Busy(Exception):
+    """The runtime had no room for the task (``max_pending``): queue it again soon."""
 
 
 class Park(Exception):
@@ -61,6 +65,8 @@ class RetryPolicy(BaseRetryStrategy):
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         if isinstance(exception, Requeue):
             return RetryDecision()  # now, for whichever worker fetches it first
+        if isinstance(exception, Busy):
+            return RetryDecision(retry_in={"seconds": 1})
         if isinstance(exception, Park):
             return RetryDecision(
                 retry_at=dt.datetime.fromtimestamp(exception.wake_at, dt.timezone.utc)

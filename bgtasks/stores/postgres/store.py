@@ -7,6 +7,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import datetime as dt
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from ..base import ClaimedTask, JournalEntry, ListQuery, Page, encode_cursor
 from ..sqlite.rows import CLAIM_COLUMNS, LIST_COLUMNS, RECORD_COLUMNS, claimed, entry_row
 from ..sqlite.rows import snapshot as snapshot_of
 from ..sqlite.rows import snapshot_row as sqlite_snapshot_row
-from ._engine import JOB_TASK, Desk, Park, Requeue, RetryPolicy
+from ._engine import JOB_TASK, Busy, Desk, Park, Requeue, RetryPolicy
 from ._loop import LoopThread
 from ._schema import STEPS, TABLE, create_tables, missing_tables
 
@@ -134,6 +135,7 @@ class PostgresStore:
         self._dirty: dict[str, TaskSnapshot] = {}
         self._dirty_lock = threading.Lock()
         self._flushing: asyncio.Task[None] | None = None
+        self._flush_lock: asyncio.Lock | None = None
         self._sides: set[asyncio.Task[Any]] = set()
         self._dropped: set[str] = set()  # released or parked: later saves are dropped
         self._owned: set[str] = set()  # unfinished tasks this process runs
@@ -246,8 +248,11 @@ class PostgresStore:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(consumer)), 10.0)
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(self._io.submit(self._stop_sides()))
-        with contextlib.suppress(Exception):
-            await asyncio.wrap_future(self._io.submit(self._flush_all()))
+        try:  # bounded: a database that is down must not hold the shutdown
+            flush = asyncio.wrap_future(self._io.submit(self._flush_all()))
+            await asyncio.wait_for(flush, self._wait_bound)
+        except Exception as exc:
+            logger.warning("bgtasks: task records not saved at close (%s)", exc)
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(self._io.submit(self._close_pool()))
         self._io.stop()
@@ -363,6 +368,8 @@ class PostgresStore:
             raise asyncio.CancelledError
         if outcome == "requeue":
             raise Requeue(f"task {task_id} was given back")
+        if outcome == "busy":
+            raise Busy(f"task {task_id}: no room on this host")
         if isinstance(outcome, float):
             raise Park(outcome)
 
@@ -472,9 +479,12 @@ class PostgresStore:
                 f"WHERE id = ANY(%s) AND {_OPEN}",
                 (held,),
             )
+        # At shutdown, back in the queue now; refused for room, in a second (so
+        # that a full host does not fetch it again at once).
+        outcome = "requeue" if self._closing else "busy"
         for task_id in held:
             self._owned.discard(task_id)
-            self._desk.settle(task_id, "requeue")
+            self._desk.settle(task_id, outcome)
 
     def park(self, task_id: str, wake_at: float) -> concurrent.futures.Future[None]:
         return self._io.submit(self._park(task_id, wake_at))
@@ -554,6 +564,12 @@ class PostgresStore:
             self._flushing = asyncio.ensure_future(self._flush_all())
 
     async def _flush_all(self) -> None:
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:  # one flush at a time: saves commit in order
+            await self._flush_batches()
+
+    async def _flush_batches(self) -> None:
         while True:
             with self._dirty_lock:
                 batch, self._dirty = self._dirty, {}
@@ -617,14 +633,10 @@ class PostgresStore:
                     raise StoreError(msg)
                 return snapshot_of(found).record()
             if entry.durable:
-                deferrer = self._job_task.configure(connection=conn)
+                when = None  # a delayed task: procrastinate hands it out at wake_at
                 if entry.wake_at is not None:
-                    import datetime as dt
-
-                    deferrer = self._job_task.configure(
-                        connection=conn,
-                        schedule_at=dt.datetime.fromtimestamp(entry.wake_at, dt.timezone.utc),
-                    )
+                    when = dt.datetime.fromtimestamp(entry.wake_at, dt.timezone.utc)
+                deferrer = self._job_task.configure(connection=conn, schedule_at=when)
                 job_id = await deferrer.defer_async(task_id=entry.id)
                 await conn.execute(
                     f"UPDATE {TABLE} SET job_id = %s WHERE id = %s", (job_id, entry.id)
