@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from ..._errors import StoreError
@@ -44,8 +44,8 @@ WHERE {TABLE}.status IN ('pending', 'running')
 """
 _JOURNAL = f"""
 INSERT INTO {TABLE} (id, name, status, created_at, durable, target, payload, options,
-                     idempotency_key, wake_at)
-VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s)
+                     idempotency_key, wake_at, job_id)
+VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING id
 """
@@ -60,6 +60,10 @@ _URL_OPTIONS: dict[str, type] = {
     "stalled_after": float,
     "max_crashes": int,
 }
+
+
+class _KeyTaken(Exception):
+    """The idempotency key of a journal entry is held by another task."""
 
 
 class PostgresStore:
@@ -208,7 +212,6 @@ class PostgresStore:
             open=False,
             timeout=self._journal_timeout,
             kwargs={"connect_timeout": max(1, round(self.connect_timeout))},
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
             name="bgtasks",
         )
         self._pool = pool
@@ -618,32 +621,54 @@ class PostgresStore:
         # entry_row: id, name, created_at, owner, now, durable, target, payload,
         # options, idempotency_key, wake_at
         params = (row[0], row[1], row[2], bool(row[5]), *row[6:])
-        async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(_JOURNAL, params)
-            if await cur.fetchone() is None:
-                # The key is taken (committed by another host, or waited for one).
+
+        async def write(conn: Any) -> TaskRecord | None:
+            try:
+                async with conn.transaction():
+                    job_id = None
+                    if entry.durable:  # the job first: its id goes in the record
+                        when = None  # a delayed task: procrastinate hands it out at wake_at
+                        if entry.wake_at is not None:
+                            when = dt.datetime.fromtimestamp(entry.wake_at, dt.timezone.utc)
+                        deferrer = self._job_task.configure(connection=conn, schedule_at=when)
+                        job_id = await deferrer.defer_async(task_id=entry.id)
+                    cur = await conn.execute(_JOURNAL, (*params, job_id))
+                    if await cur.fetchone() is None:
+                        raise _KeyTaken  # rolls the job back too
+            except _KeyTaken:
+                # Taken by a task committed by another host (or one this insert waited for).
                 cur = await conn.execute(
                     f"SELECT {RECORD_COLUMNS} FROM {TABLE} "
                     "WHERE name = %s AND idempotency_key = %s",
                     (entry.name, entry.idempotency_key),
                 )
                 found = await cur.fetchone()
+                await conn.rollback()
                 if found is None:
                     msg = f"task id {entry.id} is already taken"
-                    raise StoreError(msg)
+                    raise StoreError(msg) from None
                 return snapshot_of(found).record()
-            if entry.durable:
-                when = None  # a delayed task: procrastinate hands it out at wake_at
-                if entry.wake_at is not None:
-                    when = dt.datetime.fromtimestamp(entry.wake_at, dt.timezone.utc)
-                deferrer = self._job_task.configure(connection=conn, schedule_at=when)
-                job_id = await deferrer.defer_async(task_id=entry.id)
-                await conn.execute(
-                    f"UPDATE {TABLE} SET job_id = %s WHERE id = %s", (job_id, entry.id)
-                )
-        if not entry.durable:
+            return None
+
+        existing = await self._with_conn(write)
+        if existing is None and not entry.durable:
             self._owned.add(entry.id)
-        return None
+        return existing
+
+    async def _with_conn(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        """``op(connection)``, once more on a fresh connection if the server had
+        dropped the pooled one (it restarted): the first statement fails then."""
+        import psycopg
+
+        for attempt in (1, 2):
+            async with self._pool.connection() as conn:
+                try:
+                    return await op(conn)
+                except psycopg.OperationalError:
+                    if attempt == 2 or not conn.broken:
+                        raise
+            await self._pool.check()  # drop the other dead ones before trying again
+        raise AssertionError("unreachable")
 
     def forget(self, task_id: str) -> None:
         """Nothing to undo: a refused call's transaction was rolled back."""
@@ -699,11 +724,13 @@ class PostgresStore:
         return self._io.call(self._load(task_id), self._wait_bound)
 
     async def _load(self, task_id: str) -> TaskRecord | None:
-        async with self._pool.connection() as conn:
+        async def read(conn: Any) -> Any:
             cur = await conn.execute(
                 f"SELECT {RECORD_COLUMNS} FROM {TABLE} WHERE id = %s", (task_id,)
             )
-            row = await cur.fetchone()
+            return await cur.fetchone()
+
+        row = await self._with_conn(read)
         return None if row is None else snapshot_of(row).record()
 
     def list(self, query: ListQuery) -> Page:
