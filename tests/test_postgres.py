@@ -444,3 +444,34 @@ def test_two_uvicorn_hosts_and_a_worker_share_tasks(pg_url: str, tmp_path: Path)
     finally:
         worker.close()
     assert len(runs(tmp_path, "u")) == 1
+
+
+def test_the_migrate_command(pg_server: PgServer, tmp_path: Path) -> None:
+    url = pg_server.create_database(f"bgtasks_test_{next(_db_names)}")
+    env = {
+        **os.environ,
+        "BGTASKS_TEST_PG": url,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+
+    def bgtasks_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bgtasks", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+        )
+
+    first = bgtasks_cli("migrate", "pg_apps:worker")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "bgtasks: created procrastinate, bgtasks_tasks"
+    again = bgtasks_cli("migrate", "pg_apps:worker")
+    assert again.stdout.strip() == "bgtasks: tables are up to date"
+    # A runtime whose store is not shared: the command says what it needs.
+    local = bgtasks_cli("worker", "durable_apps:runtime")
+    assert local.returncode == 2
+    assert "store='postgresql://...'" in local.stderr and "MemoryStore" in local.stderr
+    bad = bgtasks_cli("worker", "pg_apps")
+    assert bad.returncode == 2 and "expected MODULE:RUNTIME" in bad.stderr
