@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,26 @@ async def test_a_task_that_is_not_durable_is_read_and_cancelled_from_another_hos
         assert stats["by_status"] == {"running": 1}
         assert await asyncio.to_thread(there.cancel, handle.id) is True
         assert (await handle.wait(10)).status == "cancelled"
+
+
+@pytest.mark.anyio
+async def test_kept_steps_are_shared_and_expire_with_their_task(pg_url: str) -> None:
+    async with web(pg_url) as one, web(pg_url) as two:
+        handle = await pg_apps.add.submit_async(1, 2)
+        kept = one.store.keep_step(handle.id, "fetch", '{"rows": 3}')
+        await asyncio.wrap_future(kept)
+        await asyncio.wrap_future(one.store.keep_step(handle.id, "fetch", '{"rows": 4}'))
+        steps = await asyncio.wrap_future(two.store.kept_steps(handle.id))
+        assert steps == {"fetch": '{"rows": 4}'}
+        assert await asyncio.wrap_future(two.store.kept_steps("unknown")) == {}
+        assert one.cancel(handle.id) is True  # finished (cancelled while queued)
+        one.store.expire(time.time() + 1)
+
+        def gone() -> bool:
+            return query(pg_url, "SELECT count(*) FROM bgtasks_steps") == [(0,)]
+
+        await asyncio.to_thread(wait_for, gone, 10, "the expired task's steps to go")
+        assert two.get(handle.id) is None
 
 
 @pytest.mark.anyio
