@@ -3,6 +3,7 @@ observable, retried, drained on shutdown and, with a durable store, never lost."
 
 from __future__ import annotations
 
+from . import step as step
 from ._api import BackgroundFunction as BackgroundFunction
 from ._api import CurrentTask as CurrentTask
 from ._api import background as background
@@ -14,9 +15,11 @@ from ._errors import LimitExceeded as LimitExceeded
 from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import RegistryFull as RegistryFull
 from ._errors import RuntimeNotActive as RuntimeNotActive
+from ._errors import StepOutsideTask as StepOutsideTask
 from ._errors import StoreError as StoreError
 from ._errors import WallClockLimitExceeded as WallClockLimitExceeded
 from ._errors import WorkerCrashed as WorkerCrashed
+from ._handle import TaskHandle as TaskHandle
 from ._hooks import BeforeUnloadEvent as BeforeUnloadEvent
 from ._hooks import UnhandledRejectionEvent as UnhandledRejectionEvent
 from ._hooks import UnloadReason as UnloadReason
@@ -25,7 +28,7 @@ from ._runtime import Backoff as Backoff
 from ._runtime import Runtime as Runtime
 from ._task import ErrorInfo as ErrorInfo
 from ._task import Progress as Progress
-from ._task import TaskHandle as TaskHandle
+from ._task import StepRecord as StepRecord
 from ._task import TaskRecord as TaskRecord
 from ._task import TaskStatus as TaskStatus
 
@@ -44,6 +47,8 @@ __all__ = [
     "RegistryFull",
     "Runtime",
     "RuntimeNotActive",
+    "StepOutsideTask",
+    "StepRecord",
     "StoreError",
     "TaskHandle",
     "TaskRecord",
@@ -54,6 +59,7 @@ __all__ = [
     "WorkerCrashed",
     "background",
     "current_task",
+    "step",
     "wait_until",
 ]
 

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import inspect
 import sys
+import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
 from . import _context
+from ._context import active
+from ._handle import TaskHandle
 from ._limits import Limits
-from ._runtime import Isolation, Kind, Runtime, Spec, _describe, active, is_async_callable
-from ._task import TaskHandle
+from ._spec import Isolation, Kind, Spec, is_async_callable
+from ._spec import describe as _describe
 
 if TYPE_CHECKING:
     from ._process import WorkerTask
+    from ._runtime import Runtime
 
 __all__ = ["BackgroundFunction", "CurrentTask", "background", "current_task", "wait_until"]
 
@@ -107,7 +112,12 @@ class BackgroundFunction(Protocol[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
 
     def using(
-        self, *, idempotency_key: str | None = None, limits: Limits | None = None
+        self,
+        *,
+        idempotency_key: str | None = None,
+        limits: Limits | None = None,
+        delay: float | datetime.timedelta | None = None,
+        run_at: datetime.datetime | None = None,
     ) -> BackgroundFunction[P, R]: ...
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle: ...
@@ -179,9 +189,11 @@ class _Options(Generic[P, R]):
         *,
         limits: Limits | None,
         idempotency_key: str | None,
+        wake_at: float | None = None,
     ) -> TaskHandle:
         if (
-            self.kind == "async"
+            wake_at is None
+            and self.kind == "async"
             and self.retries == 0
             and limits is None
             and self.limits is None
@@ -193,7 +205,7 @@ class _Options(Generic[P, R]):
             if rt.limits.unlimited:
                 fn = _context.wrap_work(self.fn)
                 return rt.wait_until(fn(*args, **kwargs), name=self.name)
-        rt, spec = self._prepare(args, kwargs, limits)
+        rt, spec = self._prepare(args, kwargs, limits, wake_at)
         if self.durable or idempotency_key is not None:
             from ._durable import submit_durable
 
@@ -207,16 +219,21 @@ class _Options(Generic[P, R]):
         *,
         limits: Limits | None,
         idempotency_key: str | None,
+        wake_at: float | None = None,
     ) -> TaskHandle:
         """``schedule`` of a durable or keyed call from the event loop: the journal
         write is awaited, not waited on."""
         from ._durable import submit_durable_async
 
-        rt, spec = self._prepare(args, kwargs, limits)
+        rt, spec = self._prepare(args, kwargs, limits, wake_at)
         return await submit_durable_async(rt, self, spec, idempotency_key)
 
     def _prepare(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], limits: Limits | None
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        limits: Limits | None,
+        wake_at: float | None = None,
     ) -> tuple[Runtime, Spec]:
         rt = self.runtime or active()
         lim = rt._task_limits(limits or self.limits, inline=self.kind != "process")
@@ -225,7 +242,7 @@ class _Options(Generic[P, R]):
 
             check_picklable(args, kwargs, fn=self.fn)
         fn = self.fn if self.kind == "process" else _context.wrap_work(self.fn)
-        return rt, Spec(self.kind, fn, args, kwargs, lim, self.retries)
+        return rt, Spec(self.kind, fn, args, kwargs, lim, self.retries, wake_at)
 
 
 def _on_event_loop() -> bool:
@@ -243,8 +260,11 @@ async def _respond(
     kwargs: dict[str, Any],
     limits: Limits | None,
     key: str | None,
+    wake_at: float | None,
 ) -> Any:
-    handle = await opts.schedule_async(args, kwargs, limits=limits, idempotency_key=key)
+    handle = await opts.schedule_async(
+        args, kwargs, limits=limits, idempotency_key=key, wake_at=wake_at
+    )
     return responder.accepted(handle)
 
 
@@ -298,7 +318,10 @@ def _qualname(fn: object) -> str:
 
 
 def _make_wrapper(
-    opts: _Options[P, R], limits: Limits | None, idempotency_key: str | None
+    opts: _Options[P, R],
+    limits: Limits | None,
+    idempotency_key: str | None,
+    when: tuple[str, float] | None = None,
 ) -> BackgroundFunction[P, R]:
     fn = opts.fn
 
@@ -306,7 +329,14 @@ def _make_wrapper(
     # await what the endpoint returns, on the event loop.
     awaited = opts.kind == "async" or (opts.kind == "process" and inspect.iscoroutinefunction(fn))
 
+    def wake() -> float | None:
+        if when is None:
+            return None
+        kind, value = when
+        return time.time() + value if kind == "delay" else value
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        wake_at = wake()
         responder = _context.responder.get()
         endpoint = responder is not None and responder.is_endpoint(wrapper)
         key = idempotency_key
@@ -315,10 +345,14 @@ def _make_wrapper(
         if endpoint and awaited and _on_event_loop():
             if opts.durable or key is not None:
                 # The journal write is awaited off the loop before the 202 goes out.
-                return _Deferred(_respond(opts, responder, args, kwargs, limits, key))
-            handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=key)
+                return _Deferred(
+                    _respond(opts, responder, args, kwargs, limits, key, wake_at)
+                )
+            handle = opts.schedule(
+                args, kwargs, limits=limits, idempotency_key=key, wake_at=wake_at
+            )
             return _awaitable(responder.accepted(handle))  # type: ignore[union-attr]
-        handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=key)
+        handle = opts.schedule(args, kwargs, limits=limits, idempotency_key=key, wake_at=wake_at)
         if endpoint:
             return responder.accepted(handle)  # type: ignore[union-attr]
         return handle
@@ -326,7 +360,11 @@ def _make_wrapper(
     functools.update_wrapper(wrapper, fn)
 
     def using(
-        *, idempotency_key: str | None = None, limits: Limits | None = None
+        *,
+        idempotency_key: str | None = None,
+        limits: Limits | None = None,
+        delay: float | datetime.timedelta | None = None,
+        run_at: datetime.datetime | None = None,
     ) -> BackgroundFunction[P, R]:
         if limits is not None and not isinstance(limits, Limits):
             msg = f"limits must be a bgtasks.Limits, got {type(limits).__name__}."
@@ -342,18 +380,20 @@ def _make_wrapper(
                 f"{MAX_IDEMPOTENCY_KEY} characters."
             )
             raise ValueError(msg)
-        return _make_wrapper(opts, limits, idempotency_key)
+        return _make_wrapper(opts, limits, idempotency_key, _when(delay, run_at))
 
     def submit(*args: Any, **kwargs: Any) -> TaskHandle:
-        return opts.schedule(args, kwargs, limits=limits, idempotency_key=idempotency_key)
+        return opts.schedule(
+            args, kwargs, limits=limits, idempotency_key=idempotency_key, wake_at=wake()
+        )
 
     async def submit_async(*args: Any, **kwargs: Any) -> TaskHandle:
         """``submit`` for coroutines: a journal write is awaited, never waited on."""
         if opts.durable or idempotency_key is not None:
             return await opts.schedule_async(
-                args, kwargs, limits=limits, idempotency_key=idempotency_key
+                args, kwargs, limits=limits, idempotency_key=idempotency_key, wake_at=wake()
             )
-        return opts.schedule(args, kwargs, limits=limits, idempotency_key=None)
+        return opts.schedule(args, kwargs, limits=limits, idempotency_key=None, wake_at=wake())
 
     bf: Any = wrapper
     bf.using = using
@@ -366,6 +406,30 @@ def _make_wrapper(
     if sig is not None:
         bf.__signature__ = sig
     return bf  # type: ignore[no-any-return]
+
+
+def _when(delay: object, run_at: object) -> tuple[str, float] | None:
+    """``using(delay=...)`` / ``using(run_at=...)``, checked: when the task may start."""
+    if delay is not None and run_at is not None:
+        msg = "using() takes delay= or run_at=, not both."
+        raise TypeError(msg)
+    if delay is not None:
+        if isinstance(delay, datetime.timedelta):
+            seconds = delay.total_seconds()
+        elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+            seconds = float(delay)
+        else:
+            msg = f"delay must be seconds or a datetime.timedelta, got {type(delay).__name__}."
+            raise TypeError(msg)
+        if not seconds >= 0:
+            msg = f"delay must be >= 0 seconds, got {delay!r}."
+            raise ValueError(msg)
+        return ("delay", seconds)
+    if run_at is not None:
+        from ._steps import aware_timestamp
+
+        return ("run_at", aware_timestamp(run_at, "using(run_at=...)"))
+    return None
 
 
 def _endpoint_signature(fn: Callable[..., Any]) -> inspect.Signature | None:

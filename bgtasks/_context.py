@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextvars
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
-    from ._runtime import Runtime
-    from ._task import TaskHandle
+from ._errors import RuntimeNotActive
 
-__all__ = ["active_runtime", "current_task_var", "responder", "wrap_work"]
+if TYPE_CHECKING:
+    from ._handle import TaskHandle
+    from ._runtime import Runtime
+
+__all__ = ["active", "active_runtime", "current_task_var", "responder", "wrap_work"]
 
 #: The runtime ``bgtasks.wait_until`` and ``@background`` use.
 active_runtime: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
@@ -56,3 +58,17 @@ def wrap_work(work: Any) -> Any:
         return work
     wrap = getattr(r, "wrap", None)
     return work if wrap is None else wrap(work)
+
+
+def active() -> Runtime:
+    """The runtime of the current context, or raise RuntimeNotActive."""
+    rt = active_runtime.get()
+    if rt is None:
+        msg = (
+            "no bgtasks runtime is active here. Install one in your app: "
+            "app.add_middleware(bgtasks.asgi.BackgroundMiddleware) for FastAPI/Starlette, "
+            "bgtasks.flask.BgTasks(app) for Flask, bgtasks.wsgi.BackgroundMiddleware(app) for "
+            "WSGI; or run your code inside `async with bgtasks.Runtime():`."
+        )
+        raise RuntimeNotActive(msg)
+    return rt

@@ -69,3 +69,7 @@ class WorkerCrashed(BgTasksError):
 
 class StoreError(BgTasksError):
     """The task store cannot be opened, read or written."""
+
+
+class StepOutsideTask(BgTasksError):
+    """``bgtasks.step.run`` / ``step.sleep`` was called outside a task."""

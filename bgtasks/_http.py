@@ -16,8 +16,9 @@ from typing import Any, Literal
 import pydantic
 
 from ._errors import RegistryFull, StoreError
+from ._handle import TaskHandle
 from ._ids import is_valid_id
-from ._task import FINISHED, TaskHandle, TaskRecord, TaskStatus
+from ._task import FINISHED, TaskRecord, TaskStatus
 
 __all__ = [
     "DEFAULT_PREFIX",

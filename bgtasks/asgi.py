@@ -35,7 +35,8 @@ from ._runtime import Runtime
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from ._task import TaskHandle, TaskRecord
+    from ._handle import TaskHandle
+    from ._task import TaskRecord
 
 __all__ = ["BackgroundMiddleware", "accepted_response", "document_background_routes"]
 

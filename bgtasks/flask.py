@@ -59,7 +59,8 @@ from .wsgi import BackgroundMiddleware, call_authorize
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
 
-    from ._task import TaskHandle, TaskRecord
+    from ._handle import TaskHandle
+    from ._task import TaskRecord
 
 __all__ = ["BgTasks", "BgTasksState", "FlaskAuthorize"]
 

@@ -33,7 +33,8 @@ from ._runtime import Runtime
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from ._task import TaskHandle, TaskRecord
+    from ._handle import TaskHandle
+    from ._task import TaskRecord
 
 __all__ = ["DEFAULT_PREFIX", "BackgroundMiddleware", "WSGIAuthorize", "accepted"]
 

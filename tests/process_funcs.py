@@ -246,3 +246,10 @@ def append_id(path: str) -> None:
     # One short line written at once to a file opened for appending: lines never interleave.
     with open(path, "a") as f:
         f.write(f"{task.id} {os.getpid()}\n")
+
+
+def uses_a_step() -> int:
+    """A process-isolated task that tries step.run (not supported there)."""
+    from bgtasks import step
+
+    return asyncio.run(step.run("inside a worker", int))

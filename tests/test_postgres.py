@@ -127,23 +127,24 @@ async def test_cancel_from_another_host(pg_url: str, tmp_path: Path) -> None:
             wait_for, lambda: (tmp_path / "running").exists(), 10, "the task to start"
         )
         # Running on `back`: the abort reaches its worker, which cancels the task.
-        assert front.cancel(running.id) is True
+        assert front.cancel(running.id) is True, front.get(running.id)
         record = await running.wait(10)
-        assert record.status == "cancelled"
+        assert record.status == "cancelled", record
         local = back.get(running.id)
-        assert local is not None and local.status == "cancelled"
+        assert local is not None and local.status == "cancelled", local
         # Finished: nothing to cancel.
-        assert front.cancel(running.id) is False
+        assert front.cancel(running.id) is False, front.get(running.id)
         await asyncio.to_thread(
             wait_for, lambda: (tmp_path / "queued").exists(), 10, "the other task to start"
         )
-        assert front.cancel(queued_elsewhere.id) is True
-        assert (await queued_elsewhere.wait(10)).status == "cancelled"
+        assert front.cancel(queued_elsewhere.id) is True, front.get(queued_elsewhere.id)
+        record = await queued_elsewhere.wait(10)
+        assert record.status == "cancelled", record
     # A job still in the queue is cancelled at once, without any worker.
     async with web(pg_url) as front:
         queued = await pg_apps.add.submit_async(1, 1)
-        assert front.cancel(queued.id) is True
-        assert status_of(pg_url, queued.id) == "cancelled"
+        assert front.cancel(queued.id) is True, front.get(queued.id)
+        assert status_of(pg_url, queued.id) == "cancelled", front.get(queued.id)
         jobs = query(pg_url, "SELECT j.status FROM procrastinate_jobs j "
                      "JOIN bgtasks_tasks t ON t.job_id = j.id WHERE t.id = %s", queued.id)
         assert jobs == [("cancelled",)]
@@ -281,7 +282,7 @@ async def test_postgres_down_refuses_durable_calls_with_503_and_writes_nothing(
         refused = await client.post("/add", params={"a": 2})
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
-        assert "PostgreSQL" in refused.json()["detail"]
+        assert "could not be journaled" in refused.json()["detail"]
         status = await client.get(f"{PREFIX}/{task_id}")
         assert status.status_code == 503, status.text
         assert status.headers["retry-after"] == "1"
@@ -291,9 +292,16 @@ async def test_postgres_down_refuses_durable_calls_with_503_and_writes_nothing(
     assert query(url, "SELECT count(*) FROM bgtasks_tasks") == [(1,)]
     assert query(url, "SELECT count(*) FROM procrastinate_jobs") == [(1,)]
 
-    # Service resumes with the database: the pool's dead connections are replaced.
-    again = await client.post("/add", params={"a": 3})
-    assert again.status_code == 200, again.text
+    # Service resumes with the database, once the pool has reconnected (it backs
+    # off between attempts while the server is away: a few seconds at most here).
+    for _ in range(150):
+        again = await client.post("/add", params={"a": 3})
+        if again.status_code == 200:
+            break
+        assert again.status_code == 503, again.text
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("durable calls were still refused 15s after PostgreSQL returned")
     assert (await client.get(f"{PREFIX}/{task_id}")).status_code == 200
 
 

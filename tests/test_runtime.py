@@ -372,7 +372,7 @@ async def test_process_memory_ceiling() -> None:
 async def test_memory_high_refuses_new_work() -> None:
     async with Runtime(memory_limit=1024 * 1024, memory_check_interval=0.01) as rt:
         with anyio.fail_after(5):
-            while not rt._memory_high:
+            while not rt._admission.memory_high:
                 await anyio.sleep(0.01)
         with pytest.raises(bgtasks.RegistryFull, match="memory"):
             rt.wait_until(lambda: None)
@@ -894,7 +894,7 @@ async def test_shutdown_cuts_a_rejection_handler_off() -> None:
         t0 = time.monotonic()
     assert time.monotonic() - t0 < 3
     assert handle.status == "failed"
-    assert rt._unfinished == 0
+    assert rt._admission.unfinished == 0
 
 
 async def test_raising_beforeunload_handlers_break_nothing(
@@ -967,9 +967,9 @@ async def test_a_wait_that_times_out_leaves_no_callback_behind() -> None:
 async def test_cpu_limits_without_thread_cpu_clocks_are_refused_clearly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from bgtasks import _runtime
+    from bgtasks import _config
 
-    monkeypatch.setattr(_runtime, "_HAS_THREAD_CPU_CLOCKS", False)
+    monkeypatch.setattr(_config, "HAS_THREAD_CPU_CLOCKS", False)
     async with Runtime() as rt:
         with pytest.raises(ValueError, match=r'isolation="process"'):
             rt.wait_until(asyncio.sleep, 0, limits=Limits(cpu_time=1))

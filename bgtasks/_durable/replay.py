@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._errors import RegistryFull, StoreError
 from .._limits import Limits
-from .._runtime import Spec, is_async_callable
+from .._spec import Spec, is_async_callable
 from .._task import Progress
 from .codec import codec_of, resolve
 
@@ -98,7 +98,7 @@ async def replay_once(rt: Runtime, store: Store) -> int:
         return 0
     limit = CLAIM_BATCH
     if rt.max_pending is not None:
-        limit = min(limit, rt.max_pending - rt._unfinished)
+        limit = min(limit, rt.max_pending - rt._admission.unfinished)
     claimed = await asyncio.wrap_future(store.claim(limit))
     refused: list[str] = []
     for task in claimed:
@@ -135,15 +135,16 @@ def _adopt(rt: Runtime, claimed: ClaimedTask) -> bool:
         # unhandledrejection fires, the error is logged.
         spec = Spec("coro", _raise(exc))
     try:
-        t = rt._admit(entry.name, spec, task_id=entry.id)
+        ticket = rt.reserve(entry.name, spec, task_id=entry.id)
     except RegistryFull:
         if spec.kind == "coro":
             spec.fn.close()
         return False
+    t = ticket.handle
     t._created_at = entry.created_at
     t._attempts = claimed.attempts
     t._progress = _progress(claimed.progress)
-    rt._launch(t)
+    ticket.launch()
     return True
 
 

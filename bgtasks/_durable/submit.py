@@ -14,19 +14,20 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from .._errors import RegistryFull, StoreError
+from .._handle import TaskHandle
 from .._limits import Limits
-from .._runtime import Spec
-from .._task import TaskHandle, TaskRecord, TaskStatus
+from .._spec import Spec
+from .._task import TaskRecord, TaskStatus
 from ..stores.base import JournalEntry
 from .codec import codec_of, target_of
 
 if TYPE_CHECKING:
     from .._api import _Options
+    from .._runner import Ticket
     from .._runtime import Runtime
     from ..stores.base import Store
 
@@ -44,11 +45,18 @@ class _Pending:
 
     rt: Runtime
     store: Store
-    task: TaskHandle
+    ticket: Ticket
     entry: JournalEntry
     future: concurrent.futures.Future[TaskRecord | None]
-    #: admitted on the runtime's loop thread: settle it there too (see Runtime._retract)
-    on_loop: bool
+
+    @property
+    def task(self) -> TaskHandle:
+        return self.ticket.handle
+
+    @property
+    def on_loop(self) -> bool:
+        """Reserved on the runtime's loop thread: settle it there too."""
+        return self.ticket.on_loop
 
     def settle_later(self) -> None:
         """The caller stopped waiting: let the commit decide, whenever it comes."""
@@ -128,7 +136,7 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
     if opts.durable:
         codec = codec_of(opts.fn)
         args, kwargs, payload = codec.dump(opts.name, spec.args, spec.kwargs)
-        spec = Spec(spec.kind, spec.fn, args, kwargs, spec.limits, spec.retries)
+        spec = Spec(spec.kind, spec.fn, args, kwargs, spec.limits, spec.retries, spec.wake_at)
         target = target_of(opts.fn)
         if not store.durable and rt not in _warned:
             _warned.add(rt)
@@ -138,7 +146,8 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
                 "journal durable tasks.",
                 opts.name,
             )
-    t = rt._admit(opts.name, spec)
+    ticket = rt.reserve(opts.name, spec)
+    t = ticket.handle
     entry = JournalEntry(
         id=t._id,
         name=opts.name,
@@ -149,13 +158,14 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
         limits=limits_json(spec.limits) if opts.durable else None,
         isolation=opts.isolation,
         idempotency_key=key,
+        wake_at=spec.wake_at,
     )
     try:
         fut = store.journal(entry)
     except BaseException:
-        rt._retract(t)
+        ticket.retract()
         raise
-    return _Pending(rt, store, t, entry, fut, threading.get_ident() == rt._loop_thread_id)
+    return _Pending(rt, store, ticket, entry, fut)
 
 
 def _outcome(begun: _Pending) -> TaskHandle:
@@ -170,23 +180,23 @@ def _settle(begun: _Pending, existing: TaskRecord | None) -> TaskHandle:
     if existing is None:
         if begun.entry.durable and getattr(begun.store, "dispatches_durable", False):
             # Committed with its engine's job: a consuming host runs it.
-            rt._retract(t)
+            begun.ticket.retract()
             return RemoteHandle.of(rt, t.record)
-        rt._launch(t)
-        return t
+        return begun.ticket.launch()
     store = begun.store
     handle = rt.handle(existing.id)
     if handle is None and not store.durable:
-        # A per-process key whose holder this runtime has forgotten (expired):
-        # the key is free again.
+        # A per-process key whose holder this runtime no longer has (it expired):
+        # the key is free again. (A store that is not durable answers at once.)
         store.forget(existing.id)
         retry = store.journal(begun.entry)
-        if retry.done() and retry.exception() is None and retry.result() is None:
-            rt._launch(t)
-            return t
+        holder = retry.result() if retry.done() and retry.exception() is None else existing
+        if holder is None:
+            return begun.ticket.launch()
+        existing, handle = holder, rt.handle(holder.id)
     # Another task already holds this idempotency key: that one is the answer.
     store.forget(t._id)
-    rt._retract(t)
+    begun.ticket.retract()
     if handle is not None:
         return handle
     return RemoteHandle.of(rt, existing)
@@ -205,10 +215,11 @@ def _settle_late(begun: _Pending, fut: concurrent.futures.Future[TaskRecord | No
 
 def _refused(begun: _Pending, exc: BaseException) -> BaseException:
     begun.store.forget(begun.task._id)
-    begun.rt._retract(begun.task)
+    begun.ticket.retract()
     if isinstance(exc, StoreError):
-        why = str(exc).rstrip(".")
-        msg = f"the call was not accepted: it could not be journaled ({why}). Retry later."
+        # The detail (a path, a database URL) goes to the log, never to a client.
+        logger.error("bgtasks: task %r could not be journaled: %s", begun.entry.name, exc)
+        msg = "the call was not accepted: it could not be journaled (see the log). Retry later."
         return RegistryFull(msg, retry_after=1.0)
     return exc
 

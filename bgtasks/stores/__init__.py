@@ -55,5 +55,18 @@ def open_store(spec: object) -> Store:
         raise ValueError(msg)
     if isinstance(spec, Store):
         return spec
+    missing = [name for name in _MEMBERS if not hasattr(spec, name)]
+    if 0 < len(missing) < len(_MEMBERS) // 2:  # an attempt at a Store, incomplete
+        msg = (
+            f"store {type(spec).__name__} is missing {', '.join(missing)} of the Store "
+            "protocol (bgtasks.stores.base.Store); implement them, or subclass "
+            "bgtasks.stores.MemoryStore and override what you need."
+        )
+        raise TypeError(msg)
     msg = f"store must be 'memory', 'sqlite:///path.db' or a Store, got {type(spec).__name__}."
     raise TypeError(msg)
+
+
+_MEMBERS = sorted(
+    name for name in {*Store.__annotations__, *dir(Store)} if not name.startswith("_")
+)

@@ -11,6 +11,11 @@ Threads: ``save``, ``expire``, ``forget`` and the methods that return a
 block it (queue the I/O and resolve the future later). ``load``, ``list``,
 ``stats`` and ``request_cancel`` may block for a short read: the runtime calls
 them from worker threads when the store is not the memory store.
+
+Errors: a store that cannot do what is asked raises ``bgtasks.StoreError``
+(or fails the future with it), with a message that names the cause and the
+fix; it may name files and hosts, so it goes to the log, never into a
+response body.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import collections
 import concurrent.futures
 import dataclasses
+import heapq
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .._task import StepRecord, TaskRecord, TaskSnapshot, TaskStatus
@@ -36,6 +43,8 @@ __all__ = [
     "TaskSnapshot",
     "decode_cursor",
     "encode_cursor",
+    "page_of",
+    "stats_of",
 ]
 
 #: Statuses a ListQuery may filter on.
@@ -165,6 +174,37 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         "unchanged, or no cursor for the first page."
     )
     raise ValueError(msg)
+
+
+def page_of(snapshots: Iterable[TaskSnapshot], query: ListQuery) -> Page:
+    """``query`` answered from snapshots in memory, as ``Store.list`` answers it
+    from a file: for a runtime whose store keeps no records (the memory store)
+    to list its own registry with the same order and cursors."""
+    statuses, names, after = set(query.statuses), set(query.names), query.after
+    chosen = (
+        s
+        for s in snapshots
+        if (not statuses or s.status in statuses)
+        and (not names or s.name in names)
+        and (after is None or (s.created_at, s.id) < after)
+    )
+    top = heapq.nlargest(query.limit + 1, chosen, key=lambda s: (s.created_at, s.id))
+    items = top[: query.limit]
+    more = len(top) > query.limit
+    return Page(
+        items=[s.record(include_result=False) for s in items],
+        next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if more else None,
+    )
+
+
+def stats_of(snapshots: Iterable[TaskSnapshot]) -> dict[str, dict[str, int]]:
+    """``Store.stats`` of snapshots in memory (see ``page_of``)."""
+    by_status: collections.Counter[str] = collections.Counter()
+    by_name: collections.Counter[str] = collections.Counter()
+    for s in snapshots:
+        by_status[s.status] += 1
+        by_name[s.name] += 1
+    return {"by_status": dict(by_status), "by_name": dict(by_name)}
 
 
 @runtime_checkable

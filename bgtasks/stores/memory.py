@@ -6,7 +6,9 @@ no I/O on any path. What it answers:
 - idempotency keys: per process, in a dict (``journal`` / ``forget``);
 - ``load``, ``list`` and ``stats``: nothing (None, an empty page, empty
   counts). The runtime answers those from its own registry, which holds every
-  task of this process; there is nothing else to read;
+  task of this process (``bgtasks.stores.base.page_of`` and ``stats_of``
+  give the same order and cursors as a store's listing); there is nothing
+  else to read;
 - ``claim``, ``release``, ``park``, ``cancel_requests``: nothing to do, since
   nothing outlives the process and no other process shares it;
 - kept steps: none. Steps of a task on a non-durable runtime are kept by the

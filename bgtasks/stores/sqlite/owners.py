@@ -31,9 +31,14 @@ __all__ = ["OPEN", "ORPHAN", "Owner"]
 logger = logging.getLogger("bgtasks")
 
 OPEN = "status IN ('pending', 'running')"
+_LIVE = "(SELECT id FROM owners WHERE expires_at >= ?)"
 # The owner is gone: released or parked (NULL), or not among the owners whose lease holds.
-ORPHAN = "(owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires_at >= ?))"
+ORPHAN = f"(owner IS NULL OR owner NOT IN {_LIVE})"
 _DUE = "(wake_at IS NULL OR wake_at <= ?)"
+# The claim's statements name their index: without statistics the planner would
+# read every unfinished row, parked ones included, at every look.
+_OWNED = "tasks INDEXED BY tasks_open_owner"
+_GONE_OWNER = f"owner > '' AND {OPEN} AND owner NOT IN {_LIVE}"  # '' > NULL: skips parked
 
 
 def _error(kind: str, message: str) -> str:
@@ -86,24 +91,31 @@ class Owner:
             "again (use @background(durable=True) for that)",
         )
         conn.execute(
-            f"UPDATE tasks SET status = 'failed', finished_at = ?, updated_at = ?, "
-            f"error = ? WHERE durable = 0 AND {OPEN} AND {ORPHAN}",
+            f"UPDATE {_OWNED} SET status = 'failed', finished_at = ?, updated_at = ?, "
+            f"error = ? WHERE durable = 0 AND {_GONE_OWNER}",
             (now, now, crashed, now),
         )
         conn.execute(
-            f"UPDATE tasks SET status = 'cancelled', finished_at = ?, updated_at = ? "
-            f"WHERE cancel_requested = 1 AND {OPEN} AND {ORPHAN}",
+            f"UPDATE tasks INDEXED BY tasks_cancel SET status = 'cancelled', finished_at = ?, "
+            f"updated_at = ? WHERE cancel_requested = 1 AND {OPEN} AND {ORPHAN}",
             (now, now, now),
         )
         if limit <= 0:
             return []
-        rows = conn.execute(
-            f"SELECT id, status, crashes FROM tasks WHERE durable = 1 AND {OPEN} "
-            f"AND {ORPHAN} AND {_DUE} ORDER BY created_at LIMIT ?",
-            (now, now, limit),
-        ).fetchall()
+        rows: list[tuple[float, str, str, int]] = []
+        for where, args in (
+            (f"{_GONE_OWNER} AND {_DUE}", (now, now)),  # its process died
+            ("owner IS NULL AND wake_at IS NULL", ()),  # released at a shutdown
+            ("owner IS NULL AND wake_at <= ?", (now,)),  # parked or delayed, and due
+        ):
+            rows += conn.execute(
+                f"SELECT created_at, id, status, crashes FROM {_OWNED} WHERE {where} "
+                f"AND durable = 1 AND {OPEN} ORDER BY created_at LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        rows.sort()
         out: list[ClaimedTask] = []
-        for task_id, status, crashes in rows:
+        for _, task_id, status, crashes in rows[:limit]:
             crashes += status == "running"
             if crashes > self.max_crashes:
                 self._fail(

@@ -42,7 +42,11 @@ class Readers:
         try:
             yield conn
         finally:
-            self._idle.put(conn)
+            if self._closed:  # closed while this thread read: nobody will borrow it again
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            else:
+                self._idle.put(conn)
 
     def _borrow(self) -> sqlite3.Connection:
         try:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import pydantic
 
@@ -33,6 +33,8 @@ CLAIM_COLUMNS = (
     "id, name, created_at, attempts, target, payload, options, idempotency_key, wake_at, "
     "progress, steps"
 )
+
+T = TypeVar("T")
 
 _steps = pydantic.TypeAdapter(list[StepRecord])
 
@@ -69,7 +71,12 @@ def snapshot_row(s: TaskSnapshot, owner: str | None, now: float) -> tuple[Any, .
 
 
 def snapshot(row: Sequence[Any]) -> TaskSnapshot:
-    """The snapshot of a row read with ``RECORD_COLUMNS`` (or ``LIST_COLUMNS``)."""
+    """The snapshot of a row read with ``RECORD_COLUMNS`` (or ``LIST_COLUMNS``).
+
+    A column that does not parse (a row written by another program, or a
+    damaged file) reads as empty, and as an error saying so if the error
+    column is the one: a bad row never breaks a status route or a page.
+    """
     (task_id, name, status, created, started, finished, attempts, error, result, progress) = row[
         :10
     ]
@@ -82,12 +89,25 @@ def snapshot(row: Sequence[Any]) -> TaskSnapshot:
         started_at=started,
         finished_at=finished,
         attempts=attempts,
-        error=None if error is None else ErrorInfo.model_validate_json(error),
-        result=None if result is None else json.loads(result),
-        progress=None if progress is None else Progress.model_validate_json(progress),
+        error=_parsed(error, ErrorInfo.model_validate_json, _UNREADABLE_ERROR),
+        result=_parsed(result, json.loads, None),
+        progress=_parsed(progress, Progress.model_validate_json, None),
         wake_at=wake_at,
-        steps=() if not steps else tuple(_steps.validate_json(steps)),
+        steps=tuple(_parsed(steps, _steps.validate_json, None) or ()),
     )
+
+
+_UNREADABLE_ERROR = ErrorInfo(type="StoreError", message="the stored error cannot be read")
+
+
+def _parsed(text: str | None, parse: Callable[[str], T], bad: T | None) -> T | None:
+    """``parse(text)``; None for no text, ``bad`` for text that does not parse."""
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        return bad
 
 
 def entry_row(entry: JournalEntry, owner: str | None, now: float) -> tuple[Any, ...]:

@@ -1,34 +1,12 @@
 """The child side of ``isolation="process"``: the loop each worker process runs.
 
-A worker serves one request at a time from its parent (``_process.ProcessPool``)
-over a socket. A message is a header (two 8-byte lengths), a small pickled
-tuple, the *meta*, and a *blob* of bytes that may be empty: large pickles travel
-as blobs so they are neither pickled twice nor copied into a bigger frame.
+A worker serves one request at a time from its parent (``pool.ProcessPool``)
+over a socket, in the messages ``wire`` describes, under the per-task limits
+of ``limits``. While a task runs, ``current`` tells it which task it is and
+carries its progress to the parent.
 
-The request is ``("run", task_id, name, attempt, cpu_time, memory, watch_cpu)``
-with the blob ``pickle((ref, fn, args, kwargs))``. The worker answers with any
-number of ``("progress", done, total, message)``, with ``("started",
-cpu_seconds)`` (its CPU time as the task began) if ``watch_cpu``, then exactly
-one of (blob in brackets)::
-
-    ("ok",) [result pickle]
-    ("err", type_name, message, traceback_text, reason) [exception pickle or empty]
-    ("memory", traceback_text)                    MemoryError under a memory limit
-    ("load", type_name, message, traceback_text)  the request could not be unpickled
-    ("bad_result", type_name, reason)             the result cannot be pickled
-
-Limits are per task and relative to what the worker had used before it:
-
-- CPU: ``ITIMER_PROF`` counts the process's CPU time and, with ``SIGPROF`` left
-  at its default action, terminates the process the moment the budget is spent,
-  even in the middle of one long C call. ``RLIMIT_CPU`` (soft limit only, whole
-  seconds, ``SIGXCPU``) backs it up should the task re-arm the timer itself.
-- Memory: a soft ``RLIMIT_AS`` at the current address space plus the budget, so
-  an allocation past it raises ``MemoryError``. The worker then answers and exits:
-  a process that ran out of memory may be in a bad state.
-
-This module imports only the standard library; ``resource`` and the itimers
-exist on Unix only and are touched in the worker alone.
+``main`` is the worker process's target. This module and the ones it imports
+use only the standard library.
 """
 
 from __future__ import annotations
@@ -37,35 +15,24 @@ import asyncio
 import contextlib
 import importlib
 import inspect
-import math
 import os
 import pickle
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["HEADER", "PROTOCOL", "encode", "main"]
+from . import current
+from .limits import Budget, default_cpu_signals
+from .wire import HEADER, PROTOCOL, encode
 
-HEADER = struct.Struct("!QQ")  # length of the meta pickle, length of the blob
-PROTOCOL = pickle.HIGHEST_PROTOCOL
-_SMALL = 1 << 16  # a blob up to this size is sent in one piece with its header
+__all__ = ["main", "resolve"]
+
 _PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the parent is alive
-
-
-def encode(meta: tuple[Any, ...], blob: bytes = b"") -> list[bytes]:
-    """One message as the pieces that go on the wire, in order."""
-    head = pickle.dumps(meta, PROTOCOL)
-    first = HEADER.pack(len(head), len(blob)) + head
-    if len(blob) <= _SMALL:
-        return [first + blob]
-    return [first, blob]
 
 
 def resolve(module: str, qualname: str, depth: int) -> Callable[..., Any]:
@@ -137,23 +104,20 @@ class _TaskState:
     the next task.
     """
 
-    def __init__(self, channel: _Channel, pool_side: Any) -> None:
+    def __init__(self, channel: _Channel) -> None:
         self._channel = channel
-        self._pool_side = pool_side
         self._lock = threading.Lock()
         self._running = False
 
     def begin(self, task_id: str, name: str, attempt: int) -> None:
-        self._pool_side._worker_task = self._pool_side.WorkerTask(
-            id=task_id, name=name, attempt=attempt
-        )
+        current._worker_task = current.WorkerTask(id=task_id, name=name, attempt=attempt)
         with self._lock:
             self._running = True
 
     def end(self) -> None:
         with self._lock:
             self._running = False
-        self._pool_side._worker_task = None
+        current._worker_task = None
 
     def send(self, meta: tuple[Any, ...]) -> None:
         self._channel.send(meta)
@@ -168,73 +132,6 @@ class _TaskState:
         with self._lock:
             if self._running:
                 self._channel.send(update)
-
-
-class _Budget:
-    """Per-task CPU and address-space limits, relative to what is used now."""
-
-    def __init__(self, cpu_time: float | None, memory: int | None) -> None:
-        self.cpu_time = cpu_time
-        self.memory = memory
-        self.cpu_start = 0.0
-        self._saved: list[tuple[int, tuple[int, int]]] = []
-        self._timer = False
-
-    def apply(self) -> None:
-        import resource
-
-        if self.cpu_time is not None:
-            # The limit relies on the default actions (terminate the process); an
-            # earlier task may have installed handlers.
-            _default_cpu_signals()
-            self.cpu_start = used = time.process_time()
-            # The kernel checks RLIMIT_CPU in whole seconds: round up so it never
-            # fires before the budget; the itimer is the precise limit.
-            self._lower(resource.RLIMIT_CPU, math.ceil(used + self.cpu_time))
-            signal.setitimer(signal.ITIMER_PROF, self.cpu_time)
-            self._timer = True
-        if self.memory is not None:
-            self._lower(resource.RLIMIT_AS, _address_space() + self.memory)
-
-    def _lower(self, which: int, soft: int) -> None:
-        import resource
-
-        old_soft, hard = resource.getrlimit(which)
-        if hard != resource.RLIM_INFINITY:
-            soft = min(soft, hard)
-        # Only the soft limit moves: the hard one stays, so it can be raised again.
-        resource.setrlimit(which, (soft, hard))
-        self._saved.append((which, (old_soft, hard)))
-
-    def restore(self) -> None:
-        """Lift the limits again; safe to call more than once."""
-        if self._timer:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-            self._timer = False
-        if self._saved:
-            import resource
-
-            while self._saved:
-                which, limits = self._saved.pop()
-                resource.setrlimit(which, limits)
-
-
-def _default_cpu_signals() -> None:
-    for name in ("SIGPROF", "SIGXCPU"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-
-
-def _address_space() -> int:
-    """The worker's current virtual memory size in bytes."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            pages = int(f.read().split()[0])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return int(psutil.Process().memory_info().vms)
 
 
 def _caused_by_memory_error(exc: BaseException) -> bool:
@@ -297,7 +194,7 @@ def _run(
     """Run one task; return the reply (meta, blob) and whether the worker should exit."""
     _, task_id, name, attempt, cpu_time, memory, watch_cpu = meta
     fn, args, kwargs = call
-    budget = _Budget(cpu_time, memory)
+    budget = Budget(cpu_time, memory)
     state.begin(task_id, name, attempt)
     try:
         budget.apply()
@@ -347,17 +244,15 @@ def _watch_parent(fd: int) -> None:
 
 def main(sock: socket.socket) -> None:
     """Serve requests on ``sock`` until the parent closes it (the process target)."""
-    from . import _process as pool_side
-
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _default_cpu_signals()
+    default_cpu_signals()
 
     channel = _Channel(sock)
-    state = _TaskState(channel, pool_side)
+    state = _TaskState(channel)
     _watch_parent(sock.fileno())
-    pool_side._in_worker = True
-    pool_side.child_progress_sink = state.progress
+    current._in_worker = True
+    current.child_progress_sink = state.progress
     try:
         while (message := channel.recv()) is not None:
             meta, blob = message
@@ -378,4 +273,4 @@ def main(sock: socket.socket) -> None:
     except OSError:
         pass  # the parent went away mid-reply: nobody is left to answer
     finally:
-        pool_side.child_progress_sink = None
+        current.child_progress_sink = None
