@@ -118,8 +118,10 @@ async def test_a_durable_call_commits_its_record_and_its_job_together(pg_url: st
 
 
 @pytest.mark.anyio
-async def test_cancel_from_another_host(pg_url: str, tmp_path: Path) -> None:
-    os.environ["BGTASKS_TEST_MARKS"] = str(tmp_path)
+async def test_cancel_from_another_host(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BGTASKS_TEST_MARKS", str(tmp_path))
     async with web(pg_url) as front, consumer(pg_url) as back:
         queued_elsewhere = await pg_apps.hold.submit_async("queued", 5)
         running = await pg_apps.hold.submit_async("running", 5)
@@ -346,9 +348,9 @@ def runs(marks: Path, mark: str) -> list[str]:
 
 @pytest.mark.anyio
 async def test_worker_sigterm_puts_its_unfinished_durable_task_back(
-    pg_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.environ["BGTASKS_TEST_MARKS"] = str(tmp_path)
+    monkeypatch.setenv("BGTASKS_TEST_MARKS", str(tmp_path))
     first = Worker(pg_url, tmp_path, grace=0.5)
     second: Worker | None = None
     try:
@@ -378,9 +380,9 @@ async def test_worker_sigterm_puts_its_unfinished_durable_task_back(
 
 @pytest.mark.anyio
 async def test_worker_killed_runs_again_elsewhere_then_fails_after_max_crashes(
-    pg_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.environ["BGTASKS_TEST_MARKS"] = str(tmp_path)
+    monkeypatch.setenv("BGTASKS_TEST_MARKS", str(tmp_path))
     procs = [Worker(pg_url, tmp_path), Worker(pg_url, tmp_path)]
 
     def kill_the_runner(run: int) -> None:
