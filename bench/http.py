@@ -13,6 +13,12 @@ the same small coroutine:
 - ``/wait_until``  ``bgtasks.wait_until(coro)``, returning the task id;
 - ``/background``  a ``@bgtasks.background`` endpoint answering 202 + Location.
 
+A second server of the same app, its runtime instrumented with
+``bgtasks.prometheus`` and ``bgtasks.otel`` (OpenTelemetry SDK, every span
+sampled and handed to a batch processor whose exporter discards it), serves
+``/wait_until`` and ``/background`` in the same runs: the cost of
+instrumentation (skipped when the extras are missing).
+
 Each route is loaded with ``wrk`` (Debian package ``wrk``; a small asyncio
 load generator stands in when it is missing) for ``--duration`` seconds,
 routes interleaved, ``--runs`` times. Printed per route: the median and the
@@ -54,6 +60,7 @@ import bgtasks  # noqa: E402
 from bgtasks.asgi import BackgroundMiddleware  # noqa: E402
 
 ROUTES = ("plain", "bgtasks", "create_task", "wait_until", "background")
+INSTRUMENTED = ("wait_until", "background")  # also measured on the instrumented server
 ROOT = os.path.dirname(_HERE)
 
 
@@ -63,10 +70,39 @@ async def work(n: int) -> int:
     return sum(range(n))
 
 
+def instrument(rt: bgtasks.Runtime) -> None:
+    """Prometheus metrics and OpenTelemetry spans, as a deployment would have them
+    (but for the exporter, which drops the spans instead of sending them)."""
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    import bgtasks.otel
+    import bgtasks.prometheus
+
+    class Discard(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    bgtasks.otel.instrument(rt, tracer_provider=provider)
+    bgtasks.prometheus.instrument(rt)
+
+
 def make_app() -> FastAPI:
-    """The benchmarked app (``uvicorn --factory bench.http:make_app``)."""
+    """The benchmarked app (``uvicorn --factory bench.http:make_app``);
+    ``BGTASKS_BENCH_INSTRUMENTED=1`` instruments its runtime."""
     app = FastAPI()
-    app.add_middleware(BackgroundMiddleware)
+    rt = bgtasks.Runtime()
+    if os.environ.get("BGTASKS_BENCH_INSTRUMENTED") == "1":
+        instrument(rt)
+    app.add_middleware(BackgroundMiddleware, runtime=rt)
     keep: set[asyncio.Task[Any]] = set()
 
     @app.get("/plain")
@@ -166,7 +202,16 @@ def free_port() -> int:
         return port
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
+def can_instrument() -> bool:
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def start_server(port: int, *, instrumented: bool = False) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable,
         "-m",
@@ -185,7 +230,8 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     ]
     # One CPU for the server, the others for the load generator: a 1-worker
     # server is CPU-bound on one core, and must not share it with wrk.
-    proc = subprocess.Popen(argv, cwd=ROOT, preexec_fn=_pin(SERVER_CPUS))
+    env = {**os.environ, "BGTASKS_BENCH_INSTRUMENTED": "1" if instrumented else "0"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, preexec_fn=_pin(SERVER_CPUS))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -213,32 +259,42 @@ def main() -> None:
     if not use_wrk and LOAD_CPUS:
         os.sched_setaffinity(0, LOAD_CPUS)  # the load generator is this process
     port = free_port()
-    proc = start_server(port)
-    server = psutil.Process(proc.pid)
+    procs = [start_server(port)]
+    # (label, port, path) of every measurement; the instrumented server's labels end in "+obs".
+    targets = [(route, port, route) for route in ROUTES]
+    if can_instrument():
+        port2 = free_port()
+        procs.append(start_server(port2, instrumented=True))
+        targets += [(f"{route}+obs", port2, route) for route in INSTRUMENTED]
+    else:
+        print("(opentelemetry-sdk or prometheus-client missing: no instrumented figures)")
+    servers = {port: psutil.Process(procs[0].pid)}
+    if len(procs) == 2:
+        servers[port2] = psutil.Process(procs[1].pid)
 
-    def cpu() -> float:
-        times = server.cpu_times()
+    def cpu(p: int) -> float:
+        times = servers[p].cpu_times()
         return float(times.user + times.system)
 
-    rates: dict[str, list[float]] = {route: [] for route in ROUTES}
-    costs: dict[str, list[float]] = {route: [] for route in ROUTES}
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in targets}
+    costs: dict[str, list[float]] = {label: [] for label, _, _ in targets}
     try:
-        for route in ROUTES:  # warm up every route once
-            load(f"http://127.0.0.1:{port}/{route}", 1.0, args.connections)
+        for _, p, route in targets:  # warm up every route once
+            load(f"http://127.0.0.1:{p}/{route}", 1.0, args.connections)
         for _ in range(args.runs):
-            for route in ROUTES:
-                before = cpu()
-                rps, count = load(
-                    f"http://127.0.0.1:{port}/{route}", args.duration, args.connections
-                )
-                rates[route].append(rps)
-                costs[route].append((cpu() - before) / count * 1e6)
+            for label, p, route in targets:
+                before = cpu(p)
+                rps, count = load(f"http://127.0.0.1:{p}/{route}", args.duration, args.connections)
+                rates[label].append(rps)
+                costs[label].append((cpu(p) - before) / count * 1e6)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     rate = {route: statistics.median(values) for route, values in rates.items()}
     best = {route: max(values) for route, values in rates.items()}
@@ -248,7 +304,7 @@ def main() -> None:
         f"{args.duration:g} s per run, {args.runs} interleaved runs"
     )
     print(f"{'route':<14}{'median req/s':>13}{'best req/s':>12}{'CPU µs/req':>12}   all runs")
-    for route in ROUTES:
+    for route in rates:
         runs = ", ".join(f"{v:.0f}" for v in rates[route])
         print(f"/{route:<13}{rate[route]:>13.0f}{best[route]:>12.0f}{cost[route]:>12.1f}   {runs}")
     print(f"{'ratio':<30}{'median':>8}{'best':>8}{'CPU':>8}")
@@ -262,6 +318,14 @@ def main() -> None:
             f"{label:<30}{rate[a] / rate[b]:>7.2f}x{best[a] / best[b]:>7.2f}x"
             f"{cost[b] / cost[a]:>7.2f}x{goal}"
         )
+    for route in INSTRUMENTED:
+        on = f"{route}+obs"
+        if on in rate:
+            print(
+                f"{'instrumented / off, /' + route:<30}{rate[on] / rate[route]:>7.2f}x"
+                f"{best[on] / best[route]:>7.2f}x{cost[route] / cost[on]:>7.2f}x"
+                f"   (+{cost[on] - cost[route]:.1f} µs CPU per request)"
+            )
 
 
 if __name__ == "__main__":

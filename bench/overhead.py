@@ -2,6 +2,7 @@
 
     python bench/overhead.py            # 10k and 100k tasks, 5 rounds, medians
     python bench/overhead.py --quick    # smaller, for a smoke run
+    python bench/overhead.py --instrumented --rounds 9   # only the instrumentation figures
 
 Each round measures the baseline and bgtasks back to back in the same
 process, so the ratios hold on a noisy machine even when the absolute
@@ -9,26 +10,37 @@ figures do not. Printed: µs per task (submit + run + finish), the ratio,
 memory per pending task, and the cost of limit enforcement on tasks that
 stay within their budget. "floor" is the ratio of ``floor()`` below: the
 least any design with a handle, a wrapper coroutine and a current-task
-context variable per task costs, written in plain asyncio.
+context variable per task costs, written in plain asyncio. Then the cost of
+instrumentation (``bgtasks.prometheus``, ``bgtasks.otel`` with the
+OpenTelemetry SDK recording every span, and both) against the same runtime
+uninstrumented, in the same rounds; skipped when the extras are missing.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextvars
-import gc
-import json
-import statistics
+import os
 import sys
-import time
-import tracemalloc
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-import bgtasks
-from bgtasks import Limits, Runtime
-from bgtasks._ids import new_id
+# Run as a script, this file's folder comes first on sys.path, where http.py
+# would hide the standard library's ``http`` package (prometheus-client needs it).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextvars  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from collections.abc import Callable, Coroutine  # noqa: E402
+from typing import Any  # noqa: E402
+
+import bgtasks  # noqa: E402
+from bgtasks import Limits, Runtime  # noqa: E402
+from bgtasks._ids import new_id  # noqa: E402
 
 
 async def noop() -> None:
@@ -127,11 +139,16 @@ async def floor(n: int, make: Callable[[], Coroutine[Any, Any, Any]]) -> float:
 
 
 async def with_bgtasks(
-    n: int, make: Callable[[], Coroutine[Any, Any, Any]], limits: Limits | None
+    n: int,
+    make: Callable[[], Coroutine[Any, Any, Any]],
+    limits: Limits | None,
+    instrument: Callable[[Runtime], Any] | None = None,
 ) -> float:
     # A fresh runtime per round (default settings but max_pending), so rounds do
     # not pay for the finished records of earlier ones.
     async with Runtime(max_pending=None) as rt:
+        if instrument is not None:
+            instrument(rt)
         t0 = time.perf_counter()
         wait_until = rt.wait_until
         if limits is None:
@@ -175,6 +192,55 @@ async def pending_memory(n: int, use_bgtasks: bool) -> float:
     return (after - before) / n
 
 
+def instrumentations() -> dict[str, Callable[[Runtime], Any]]:
+    """The ways to instrument a runtime, by label (those whose extra is installed)."""
+    found: dict[str, Callable[[Runtime], Any]] = {}
+    try:
+        from prometheus_client import CollectorRegistry
+
+        import bgtasks.prometheus
+    except ImportError:
+        print("(prometheus-client is not installed: no prometheus figures)")
+    else:
+        # A fresh registry per round: each round's runtime has metrics of its own.
+        found["prometheus"] = lambda rt: bgtasks.prometheus.instrument(rt, CollectorRegistry())
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        import bgtasks.otel
+    except ImportError:
+        print("(opentelemetry-sdk is not installed: no otel figures)")
+    else:
+        # Every span sampled, built and ended; no exporter, so no I/O is measured.
+        provider = TracerProvider()
+        found["otel (SDK)"] = lambda rt: bgtasks.otel.instrument(rt, tracer_provider=provider)
+    if len(found) == 2:
+        prom, otel = found["prometheus"], found["otel (SDK)"]
+        found["both"] = lambda rt: (prom(rt), otel(rt))
+    return found
+
+
+async def instrumented(n: int, rounds: int) -> None:
+    ways = instrumentations()
+    if not ways:
+        return
+    for label, work in (("no-op", noop), ("typical steps", typical_work)):
+        off: list[float] = []
+        on: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(rounds):
+            gc.collect()
+            off.append(await with_bgtasks(n, work, None))
+            for way, instrument in ways.items():
+                gc.collect()
+                on[way].append(await with_bgtasks(n, work, None, instrument))
+        o = statistics.median(off)
+        figures = "   ".join(
+            f"{way} {statistics.median(v) * 1e6:6.2f} us ({statistics.median(v) / o:.2f}x)"
+            for way, v in on.items()
+        )
+        print(f"instrumented, {label} tasks, n={n}: off {o * 1e6:6.2f} us/task   {figures}")
+
+
 async def main(sizes: list[int], rounds: int) -> None:
     print(f"python {sys.version.split()[0]}, bgtasks {bgtasks.__version__}, rounds={rounds}")
     if True:
@@ -210,6 +276,8 @@ async def main(sizes: list[int], rounds: int) -> None:
                 f"overhead {100 * (lim / p - 1):+.1f}% ({(lim - p) * 1e6 / 4:.2f} us per step)"
             )
 
+    await instrumented(sizes[0], rounds)
+
     big = sizes[-1]
     base_mem = await pending_memory(big, use_bgtasks=False)
     our_mem = await pending_memory(big, use_bgtasks=True)
@@ -223,8 +291,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k tasks, 3 rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--instrumented", action="store_true", help="only instrumentation against none, 10k tasks"
+    )
     args = parser.parse_args()
-    if args.quick:
+    if args.instrumented:
+        asyncio.run(instrumented(10_000, args.rounds))
+    elif args.quick:
         asyncio.run(main([1_000, 10_000], 3))
     else:
         asyncio.run(main([10_000, 100_000], args.rounds))

@@ -249,6 +249,17 @@ def _on_event_loop() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        return _on_trio()  # FastAPI under trio awaits the endpoint too
+    return True
+
+
+def _on_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
         return False
     return True
 
@@ -343,7 +354,7 @@ def _make_wrapper(
         if endpoint and key is None:
             key = responder.idempotency_key  # type: ignore[union-attr]
         if endpoint and awaited and _on_event_loop():
-            if opts.durable or key is not None:
+            if (opts.durable or key is not None) and asyncio._get_running_loop() is not None:
                 # The journal write is awaited off the loop before the 202 goes out.
                 return _Deferred(
                     _respond(opts, responder, args, kwargs, limits, key, wake_at)

@@ -33,11 +33,20 @@ class TaskHandle(TaskState):
 
     @property
     def status(self) -> TaskStatus:
+        if self._x is not None and self._x.parked:
+            return self.record.status
         return self._status
 
     @property
     def record(self) -> TaskRecord:
         """A fresh snapshot of the task."""
+        x = self._x
+        if x is not None and x.parked:  # it parked: the store (or its next run) knows
+            rt = self._rt
+            live = rt._registry.get(self._id)
+            found = live.record if live is not None else rt.get(self._id)
+            if found is not None:
+                return found
         return self._to_record()
 
     def cancel(self) -> bool:
@@ -50,7 +59,7 @@ class TaskHandle(TaskState):
         Raises ``TimeoutError`` if ``timeout`` seconds pass first. Works from any
         event loop, not only the runtime's.
         """
-        if self._status not in FINISHED:
+        if self.status not in FINISHED:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             runner = self._rt._runner
@@ -79,7 +88,7 @@ class TaskHandle(TaskState):
 
     def wait_sync(self, timeout: float | None = None) -> TaskRecord:
         """Block this (non-event-loop) thread until the task has finished."""
-        if self._status not in FINISHED:
+        if self.status not in FINISHED:
             ev = threading.Event()
             runner = self._rt._runner
             runner.add_done_callback(self, ev.set)

@@ -5,9 +5,13 @@ a daemon thread running ``asyncio.run``: it starts the runtime, waits for a
 stop signal, then shuts the runtime down gracefully (``beforeunload``, up to
 ``shutdown_grace``, cancel the rest).
 
-Start: lazily, on the first request a process serves. The thread is tied to
-the pid that started it, so a fork (``gunicorn --preload``, a pre-fork server)
-makes the child start its own on its first request.
+Start: lazily, by the first work a process schedules (``Runtime.autostart``).
+The thread is tied to the pid that started it, so a fork (``gunicorn
+--preload``, a pre-fork server) makes the child start its own.
+
+Stop early: an adapter that owns its runtime ends it when its app is dropped
+(``release``, from ``weakref.finalize``): the runtime drains, the thread ends
+and its loop's descriptors close, with no ``stop()`` call.
 
 Stop: on every ordinary exit of the process, from a hook registered with
 ``threading._register_atexit``. Python runs those hooks when the main thread
@@ -113,6 +117,11 @@ class LoopThread:
             raise self._error.with_traceback(None)
         return self.runtime
 
+    def autostart(self) -> None:
+        """``Runtime.autostart`` for the runtime hosted here: the first work scheduled
+        on it starts it on this process's loop thread."""
+        self.ensure_started()
+
     def _start(self) -> None:
         rt = self.runtime
         pid = os.getpid()
@@ -148,7 +157,7 @@ class LoopThread:
         self._pid = pid
         if self._error is None:
             self._started_in = pid
-            _register_exit_hook(self._at_exit)
+            _register_exit_hook_once()
 
     def _run(self, rt: Runtime, ready: threading.Event) -> None:
         try:
@@ -174,7 +183,26 @@ class LoopThread:
         try:
             await self._stop_event.wait()
         finally:
-            await rt.shutdown()
+            try:
+                await rt.shutdown()
+            finally:
+                # The runtime has ended: its idle worker threads need not wait out
+                # their idle timeout (an app factory drops runtimes by the hundred).
+                rt._threads.close()
+
+    def release(self) -> None:
+        """Ask the runtime to shut down gracefully, without waiting for it.
+
+        For an app that is dropped (``weakref.finalize``): callable from any
+        thread, the loop's own included, and from a garbage collection, so it
+        takes no lock and joins nothing. The thread drains the runtime (up to
+        ``shutdown_grace``), then ends and closes its loop and descriptors.
+        """
+        loop, event = self._loop, self._stop_event
+        if self._pid != os.getpid() or loop is None or event is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(event.set)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Shut the runtime down gracefully and join the thread.
@@ -245,17 +273,35 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _register_exit_hook(fn: Any) -> None:
+_exit_hook_pid: int | None = None
+
+
+def _register_exit_hook_once() -> None:
+    """One exit hook per process drains every host started in it (not one per host:
+    an app factory makes hosts by the hundred)."""
+    global _exit_hook_pid
+    with _hosts_lock:
+        if _exit_hook_pid == os.getpid():
+            return
+        _exit_hook_pid = os.getpid()
     register = getattr(threading, "_register_atexit", None)
     if register is not None:
         try:
-            register(fn)
+            register(_drain_all_at_exit)
             return
         except RuntimeError:  # the interpreter is already shutting down
             pass
     import atexit
 
-    atexit.register(fn)
+    atexit.register(_drain_all_at_exit)
+
+
+def _drain_all_at_exit() -> None:
+    hosts = [host for host in list(_all_hosts) if host.running]
+    for host in hosts:  # every runtime drains at once, not one after the other
+        host.release()
+    for host in hosts:
+        host._at_exit()
 
 
 def _seconds(value: object) -> float | None:

@@ -24,7 +24,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ObservedTask", "Observer", "RejectReason"]
+from ._errors import (
+    CPULimitExceeded,
+    LimitExceeded,
+    MemoryLimitExceeded,
+    WallClockLimitExceeded,
+)
+
+__all__ = ["ObservedTask", "Observer", "RejectReason", "carrier", "limit_name", "safely"]
 
 logger = logging.getLogger("bgtasks")
 
@@ -40,10 +47,20 @@ class ObservedTask:
     ``origin`` is the trace carrier captured when the task was submitted
     (``Observer.carrier``), kept with a durable task's journal entry; a task
     replayed after a crash has ``replayed=True``. ``scratch`` is free for
-    observers to keep per-task state in (use a key of your own).
+    observers to keep per-task state in (use a key of your own). ``started_at``
+    is the Unix time its first attempt in this process began (None before).
     """
 
-    __slots__ = ("created_at", "durable", "id", "name", "origin", "replayed", "scratch")
+    __slots__ = (
+        "created_at",
+        "durable",
+        "id",
+        "name",
+        "origin",
+        "replayed",
+        "scratch",
+        "started_at",
+    )
 
     def __init__(
         self,
@@ -61,6 +78,7 @@ class ObservedTask:
         self.durable = durable
         self.origin = origin
         self.replayed = replayed
+        self.started_at: float | None = None  # set by the runtime
         self.scratch: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -107,6 +125,20 @@ class Observer:
         ``duration`` is the seconds from its first start (0 if it never ran)."""
 
 
+def limit_name(error: BaseException | None) -> str | None:
+    """The ``Limits`` field a ``LimitExceeded`` error stands for ("wall_clock",
+    "cpu_time", "memory"); None for any other error."""
+    if not isinstance(error, LimitExceeded):
+        return None
+    if isinstance(error, WallClockLimitExceeded):
+        return "wall_clock"
+    if isinstance(error, CPULimitExceeded):
+        return "cpu_time"
+    if isinstance(error, MemoryLimitExceeded):
+        return "memory"
+    return "other"
+
+
 def safely(observer: Observer, method: str, *args: Any, **kwargs: Any) -> Any:
     """Call ``observer.method(*args)``; log and swallow what it raises."""
     try:
@@ -114,3 +146,13 @@ def safely(observer: Observer, method: str, *args: Any, **kwargs: Any) -> Any:
     except Exception:
         logger.exception("bgtasks observer %r failed in %s()", observer, method)
         return None
+
+
+def carrier(observers: tuple[Observer, ...]) -> dict[str, str] | None:
+    """The observers' propagation headers for the current context, merged."""
+    merged: dict[str, str] = {}
+    for o in observers:
+        headers = safely(o, "carrier")
+        if headers:
+            merged.update(headers)
+    return merged or None

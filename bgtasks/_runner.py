@@ -29,6 +29,7 @@ from ._hooks import UnhandledRejectionEvent, dispatch
 from ._observe import ObservedTask, safely
 from ._spec import Spec
 from ._state import TaskState, ctl_of, jsonable
+from ._steps import Parked
 from ._task import FINISHED, TaskStatus
 
 if TYPE_CHECKING:
@@ -71,7 +72,10 @@ class Ticket:
         return self._on_loop
 
     def launch(self) -> TaskHandle:
-        self._rt._runner.launch(self.handle)
+        rt = self._rt
+        if rt._observers:
+            rt._announce(self.handle)
+        rt._runner.launch(self.handle)
         return self.handle
 
     def retract(self) -> None:
@@ -159,6 +163,8 @@ class Runner:
                 self.finish(t, "cancelled")
         except Interrupt:
             await self.fail(t, stop_error(t, None))
+        except Parked:
+            self.parked(t)
         except BaseException as exc:
             # SystemExit or KeyboardInterrupt raised by task code ends that task,
             # not the server: re-raised here it would stop the event loop.
@@ -204,13 +210,19 @@ class Runner:
         if not observers:
             return await attempt(self.rt, t, spec)
         task = self.observed(t)
-        queued = max(0.0, t._started_at - t._created_at) if t._attempts == 1 else 0.0  # type: ignore[operator]
+        queued = 0.0
+        if task.started_at is None:  # the first attempt in this process
+            task.started_at = now = _now()
+            if t._attempts <= 1:
+                queued = max(0.0, now - task.created_at)
         for o in observers:
             safely(o, "attempt_started", task, t._attempts, queued)
         began = time.perf_counter()
         error: BaseException | None = None
         try:
             return await attempt(self.rt, t, spec)
+        except Parked:
+            raise  # not an outcome: the attempt goes on in a later run
         except BaseException as exc:
             error = exc
             raise
@@ -296,7 +308,7 @@ class Runner:
         observers = self.rt._observers
         if observers:
             task = self.observed(t)
-            took = now - t._started_at if t._started_at is not None else 0.0
+            took = max(0.0, now - task.started_at) if task.started_at is not None else 0.0
             for o in observers:
                 safely(o, "finished", task, status, took)
         if foreign and (wake or callbacks):
@@ -305,6 +317,24 @@ class Runner:
                     self.loop.call_soon_threadsafe(self._after_foreign, t, callbacks)
         elif callbacks:
             self._callbacks(t, callbacks)
+
+    def parked(self, t: TaskHandle) -> None:
+        """A durable task parked (``step.sleep``): it leaves this process, holding
+        no slot and no memory; the store wakes it (loop thread)."""
+        ctl = t._x
+        wake_at = ctl.wake_at if ctl is not None else None
+        t._task = None
+        t._work = None
+        if ctl is not None:
+            ctl.parked = True
+            if ctl.callbacks:  # waiters follow it if it wakes up here
+                self.rt._parked_waiters.setdefault(t._id, []).extend(ctl.callbacks)
+                ctl.callbacks = []
+        self.registry.discard(t._id)
+        self.admission.done()
+        replay = self.rt._replay
+        if replay is not None and wake_at is not None:
+            replay.nudge_at(wake_at)
 
     def _after_foreign(self, t: TaskHandle, callbacks: list[Callable[[], None]]) -> None:
         self._callbacks(t, callbacks)
@@ -324,9 +354,13 @@ class Runner:
         if loop is not None and _get_ident() != self.loop_thread_id:
             loop.call_soon_threadsafe(self.add_done_callback, t, cb)
             return
+        ctl = ctl_of(t)
+        if ctl.parked:  # it left this process: wait for it to wake up here
+            self.rt._parked_waiters.setdefault(t._id, []).append(cb)
+            return
         with self.admission.lock:  # a direct task finishes on its worker thread, under it
             if t._status not in FINISHED:
-                ctl_of(t).callbacks.append(cb)
+                ctl.callbacks.append(cb)
                 return
         cb()
 
@@ -339,6 +373,14 @@ class Runner:
             return
         ctl = t._x
         if ctl is None:
+            return
+        if ctl.parked:
+            waiters = self.rt._parked_waiters.get(t._id)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(cb)
+                if not waiters:
+                    del self.rt._parked_waiters[t._id]
             return
         with self.admission.lock, contextlib.suppress(ValueError):
             ctl.callbacks.remove(cb)

@@ -22,7 +22,7 @@ from ._handle import TaskHandle
 from ._hooks import EVENT_NAMES, BeforeUnloadEvent, EventName, Handler, dispatch
 from ._ids import new_id
 from ._limits import NO_LIMITS, Limits
-from ._observe import Observer, safely
+from ._observe import Observer, carrier, safely
 from ._registry import Registry
 from ._runner import Runner, Ticket
 from ._spec import Isolation, Kind, Spec, await_, describe, is_async_callable, not_work_error
@@ -125,6 +125,11 @@ class Runtime:
         self._process_pool: Any = None
         self._loop_watch: Any = None
         self._replay: Any = None  # bgtasks._durable.replay.Replay, on a durable store
+        self._parked_waiters: dict[str, list[Callable[[], None]]] = {}
+        #: Called with no arguments by the first submission to a runtime that was never
+        #: started; an adapter with no lifespan sets it to start the runtime elsewhere
+        #: (on its own loop thread). It returns once the runtime is started, or raises.
+        self.autostart: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         unfinished = self._admission.unfinished + self._admission.foreign
@@ -304,13 +309,22 @@ class Runtime:
 
     def reserve(self, name: str, work: Any, task_id: str | None = None) -> Ticket:
         """Admit a task without starting it (durable submission journals it first)."""
-        t = self._admit(name, work, task_id)
+        t = self._admit(name, work, task_id, announce=False)
         return Ticket(self, t, _get_ident() == self._runner.loop_thread_id)
 
     def _task_limits(self, limits: Limits | None, *, inline: bool) -> Limits:
         return task_limits(self.limits, limits, inline=inline)
 
-    def _admit(self, name: str, work: Any, task_id: str | None = None) -> TaskHandle:
+    def _admit(
+        self, name: str, work: Any, task_id: str | None = None, *, announce: bool = True
+    ) -> TaskHandle:
+        if self._state == "new" and self.autostart is not None:
+            try:
+                self.autostart()
+            except BaseException:
+                if type(work) is _CoroutineType:
+                    work.close()
+                raise
         if self._state != "started":
             if type(work) is _CoroutineType:
                 work.close()
@@ -332,23 +346,22 @@ class Runtime:
         t = TaskHandle(self, task_id or new_id(), name)
         t._work = work
         self._registry.add(t)
-        if self._observers:
-            task = self._runner.observed(t)
-            for o in self._observers:
-                safely(o, "submitted", task)
+        if announce and self._observers:
+            self._announce(t)
         return t
+
+    def _announce(self, t: TaskHandle) -> None:
+        task = self._runner.observed(t)
+        for o in self._observers:
+            safely(o, "submitted", task)
 
     def _refuse(self, name: str, reason: str) -> None:
         for o in self._observers:
             safely(o, "rejected", name, reason)
 
-    @property
-    def _unfinished(self) -> int:
-        return self._admission.unfinished
-
-    @property
-    def _persist(self) -> bool:
-        return self._runner.persist
+    def _carrier(self) -> dict[str, str] | None:
+        """The observers' propagation headers here, kept with a durable call."""
+        return carrier(self._observers)
 
     # ------------------------------------------------------------------ stopping
     def cancel(self, task_id: str) -> bool:
@@ -418,12 +431,6 @@ class Runtime:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
         return task
-
-    def _add_done_callback(self, t: TaskHandle, cb: Callable[[], None]) -> None:
-        self._runner.add_done_callback(t, cb)
-
-    def _remove_done_callback(self, t: TaskHandle, cb: Callable[[], None]) -> None:
-        self._runner.remove_done_callback(t, cb)
 
     def _require_started(self, what: str) -> None:
         if self._state == "new":

@@ -80,6 +80,7 @@ class Ctl:
         "durable",
         "kept",
         "observed",
+        "parked",
         "paused",
         "sleepers",
         "slot",
@@ -106,6 +107,7 @@ class Ctl:
         # while asleep: (since, seconds left on the armed deadline, its callback, args)
         self.paused: tuple[float, float, Any, tuple[Any, ...]] | None = None
         self.sleepers = 0  # steps sleeping now (parallel sleeps pause the clock once)
+        self.parked = False  # a durable task that parked: its state is the store's now
 
 
 def ctl_of(t: TaskState) -> Ctl:

@@ -12,23 +12,26 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import pydantic
 import stamina
+from pydantic_core import to_json
 
 from . import _context
 from ._attempt import pause_wall, resume_wall
 from ._errors import StepOutsideTask
 from ._spec import is_async_callable
 from ._state import Ctl, StepState, ctl_of
-from ._task import ErrorInfo
+from ._task import ErrorInfo, StepRecord
 
 if TYPE_CHECKING:
     from ._handle import TaskHandle
 
-__all__ = ["run", "sleep", "sleep_until"]
+__all__ = ["Parked", "restore", "run", "sleep", "sleep_until"]
 
 T = TypeVar("T")
 _now = time.time
@@ -206,10 +209,14 @@ async def sleep_until(name: str, when: _dt.datetime) -> None:
 async def _sleep(t: TaskHandle, name: str, wake_at: Callable[[], float]) -> None:
     ctl = ctl_of(t)
     step = _step_name(ctl, name)
-    if step in ctl.kept:
-        return
     rt = t._rt
     st = ctl.steps.get(step)
+    if step in ctl.kept:
+        if st is not None and st.status == "sleeping":  # parked, and now woken up
+            st.status = "succeeded"
+            st.finished_at = _now()
+            rt._runner.saved(t)
+        return
     if st is None:
         st = ctl.steps[step] = StepState(step, "sleeping")
     if st.wake_at is None:
@@ -235,8 +242,62 @@ async def _sleep(t: TaskHandle, name: str, wake_at: Callable[[], float]) -> None
 
 
 async def _keep_durably(t: TaskHandle, step: str, value: Any) -> Any:
-    raise NotImplementedError  # the durable part lands with the Store protocol
+    """Write a durable task's step result to the store, as JSON; return it decoded,
+    so this run goes on with the value later runs will get."""
+    try:
+        text = to_json(value).decode()
+    except Exception as exc:
+        msg = (
+            f"the result of step {step!r} of durable task {t._name!r} is a "
+            f"{type(value).__name__}, which is not JSON-serialisable; a durable task keeps "
+            "its step results in the store as JSON: return a JSON value (dict, list, str, "
+            "number, bool, None) or a pydantic model's .model_dump()."
+        )
+        raise TypeError(msg) from exc
+    await asyncio.wrap_future(t._rt.store.keep_step(t._id, step, text))
+    return json.loads(text)
+
+
+class Parked(BaseException):
+    """Raised through a durable task that parked: this run ends without an outcome.
+
+    A BaseException so that ``except Exception`` in task code lets it through.
+    """
 
 
 async def _park(t: TaskHandle, step: str, wake_at: float) -> None:
-    raise NotImplementedError  # the durable part lands with the Store protocol
+    """Park a durable task until ``wake_at``: the sleep is kept (a later run goes
+    straight on), the record is pending with ``wake_at``, the store owns the
+    wake-up; this run ends, giving back its slot and its memory."""
+    rt = t._rt
+    await asyncio.wrap_future(rt.store.keep_step(t._id, step, "null"))
+    t._status = "pending"
+    rt._runner.saved(t)
+    await asyncio.wrap_future(rt.store.park(t._id, wake_at))
+    raise Parked
+
+
+def restore(t: TaskHandle, kept: dict[str, str], raw_steps: str | None) -> None:
+    """A durable task claimed again: its kept results and its steps' records."""
+    ctl = ctl_of(t)
+    ctl.durable = True
+    for name, text in kept.items():
+        try:
+            ctl.kept[name] = json.loads(text)
+        except ValueError:  # unreadable: the step runs again
+            continue
+    if raw_steps:
+        try:
+            records = _step_records.validate_json(raw_steps)
+        except ValueError:
+            records = []
+        for rec in records:
+            st = StepState(rec.name, rec.status)
+            st.attempts = rec.attempts
+            st.started_at = rec.started_at.timestamp() if rec.started_at else None
+            st.finished_at = rec.finished_at.timestamp() if rec.finished_at else None
+            st.error = rec.error
+            ctl.steps[rec.name] = st
+
+
+_step_records = pydantic.TypeAdapter(list[StepRecord])

@@ -32,7 +32,7 @@ class ThreadPool:
     def __init__(
         self, *, max_threads: int = 40, idle_timeout: float = 30.0, name: str = "bgtasks-worker"
     ) -> None:
-        self._idle: list[queue.SimpleQueue[Work]] = []
+        self._idle: list[queue.SimpleQueue[Work | None]] = []
         self._backlog: collections.deque[Work] = collections.deque()
         self._lock = threading.Lock()
         self._max = max_threads
@@ -41,6 +41,7 @@ class ThreadPool:
         self._threads = 0
         self._waking = 0  # threads handed work (or started) that have not begun it
         self._started = 0
+        self._closed = False
 
     @property
     def threads(self) -> int:
@@ -67,13 +68,24 @@ class ThreadPool:
         self._started += 1
         return self._started
 
+    def close(self) -> None:
+        """Retire idle threads now, and busy ones once their work ends (the runtime ended)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for q in idle:
+            q.put(None)
+
     def _start(self, fn: Work | None, number: int) -> None:
+        # In a list the thread empties: a Thread keeps its args while it runs, and
+        # the first work (and all it holds: an app, a request) must not live on.
         threading.Thread(
-            target=self._work, args=(fn,), name=f"{self._name}-{number}", daemon=True
+            target=self._work, args=([fn],), name=f"{self._name}-{number}", daemon=True
         ).start()
 
-    def _work(self, fn: Work | None) -> None:
-        q: queue.SimpleQueue[Work] = queue.SimpleQueue()
+    def _work(self, first: list[Work | None]) -> None:
+        fn = first.pop()
+        q: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         handed = True  # counted in _waking until it begins
         while True:
             helper = 0
@@ -84,6 +96,9 @@ class ThreadPool:
                 if fn is None and self._backlog:
                     fn = self._backlog.popleft()
                 if fn is None:
+                    if self._closed:
+                        self._threads -= 1
+                        return
                     self._idle.append(q)
                 elif self._backlog and not self._waking and self._threads < self._max:
                     helper = self._reserve()
@@ -102,4 +117,8 @@ class ThreadPool:
                         self._threads -= 1
                         return
                 fn = q.get()  # someone took us off the idle list: work is on its way
+            if fn is None:  # closed
+                with self._lock:
+                    self._threads -= 1
+                return
             handed = True

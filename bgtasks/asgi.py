@@ -5,9 +5,17 @@
 status routes, answers ``202 Accepted`` for ``@background`` endpoints and turns
 ``RegistryFull`` into ``503`` with ``Retry-After``.
 
-Starlette is imported only when it is needed (a ``@background`` endpoint's
-202, an ``authorize`` hook's request), so a plain ASGI app can use the
-middleware without it.
+With no lifespan (``TestClient(app)`` without ``with``, ``httpx.ASGITransport``,
+``uvicorn --lifespan off``), or on an event loop that is not asyncio's (trio),
+nothing starts with a request: the runtime starts on its own event-loop thread
+the first time work is scheduled on it, as under WSGI (``bgtasks._loopthread``),
+and drains when the process exits. Requests that do not use bgtasks never
+start anything.
+
+Starlette/FastAPI app patching lives in ``bgtasks._starlette``; Starlette is
+imported only when it is needed (a ``@background`` endpoint's 202, an
+``authorize`` hook's request), so a plain ASGI app can use the middleware
+without it.
 """
 
 from __future__ import annotations
@@ -15,30 +23,36 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from . import _context
+from . import _context, _http
 from ._errors import RegistryFull, RuntimeNotActive
 from ._http import (
     DEFAULT_PREFIX,
     Authorize,
     Reply,
-    StatusRoutes,
     _json,
     accepted,
     idempotency_key_from_header,
     overloaded,
 )
+from ._loopthread import LoopThread, host_for
 from ._runtime import Runtime
+from ._starlette import document_background_routes, prepare_app, response
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from ._handle import TaskHandle
-    from ._task import TaskRecord
 
-__all__ = ["BackgroundMiddleware", "accepted_response", "document_background_routes"]
+__all__ = [
+    "BackgroundMiddleware",
+    "accepted_response",
+    "document_background_routes",
+    "stop_runtime",
+]
 
 logger = logging.getLogger("bgtasks")
 
@@ -49,9 +63,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _IDEMPOTENCY_HEADER = b"idempotency-key"
-# How far the middleware looks down a chain of middleware or mounted apps.
-_MAX_DEPTH = 32
-_ACCEPTED_DESCRIPTION = "Accepted: the work is scheduled; follow Location for its status."
+_get_running_loop = asyncio._get_running_loop  # None, not an error, off asyncio (trio)
 
 
 class BackgroundMiddleware:
@@ -64,7 +76,8 @@ class BackgroundMiddleware:
     or async; ``action`` is ``"read"`` or ``"cancel"``) may refuse a status
     request, which then answers 404; ``request`` is a
     ``starlette.requests.Request``, or the raw ASGI scope when Starlette is not
-    installed. ``include_result=False`` leaves ``result`` out of the status JSON.
+    installed. ``include_result=False`` leaves ``result`` out of the status JSON;
+    ``include_error_message=False`` hides error messages (they may carry secrets).
     """
 
     def __init__(
@@ -75,6 +88,7 @@ class BackgroundMiddleware:
         status_prefix: str = DEFAULT_PREFIX,
         authorize: Authorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         if runtime is not None and not isinstance(runtime, Runtime):
             msg = f"runtime must be a bgtasks.Runtime, got {type(runtime).__name__}."
@@ -86,25 +100,29 @@ class BackgroundMiddleware:
             )
             raise TypeError(msg)
         self.app = app
-        self.runtime = runtime if runtime is not None else Runtime()
         self._owns_runtime = runtime is None
-        self.routes = StatusRoutes(
-            prefix=status_prefix, authorize=authorize, include_result=include_result
+        self.runtime = runtime if runtime is not None else Runtime()
+        self.routes = _http.Router(
+            prefix=status_prefix,
+            authorize=authorize,
+            include_result=include_result,
+            include_error_message=include_error_message,
         )
-        # True once a lifespan or a first request has started the runtime.
-        self._ready = False
-        self._lazy = False
-        self._lock: asyncio.Lock | None = None
+        # "lifespan": a lifespan started self.runtime on the server's asyncio loop.
+        # None: no lifespan runs it; it starts on its own loop thread when first used.
+        self._mode: str | None = None
+        self._prepared = False
+        self._warned_wrong_loop = False
+        self._hosted(self.runtime)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            await self._serve_http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif kind == "websocket":
-            rt = self.runtime if self._ready else await self._start_lazily(scope)
-            token = _context.active_runtime.set(rt)
+            token = _context.active_runtime.set(self._runtime_for_request(scope))
             try:
                 await self.app(scope, receive, send)
             finally:
@@ -113,17 +131,65 @@ class BackgroundMiddleware:
             await self.app(scope, receive, send)
 
     # ------------------------------------------------------------------ requests
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rt = self.runtime if self._ready else await self._start_lazily(scope)
-        if self._lazy:
-            self._check_loop(rt)
+    def _runtime_for_request(self, scope: Scope) -> Runtime | None:
+        """The runtime a request gets; None when it cannot have one (see ``_wrong_loop``)."""
+        rt = self.runtime
+        if self._mode == "lifespan":
+            loop = rt._loop
+            if loop is not _get_running_loop() and loop is not None and not loop.is_running():
+                self._wrong_loop()
+                return None
+            return rt
+        if not self._prepared:
+            self._prepared = True
+            prepare_app(scope.get("app"), self.app)
+        if rt._state != "new" and self._owns_runtime and rt._state != "started":
+            # A lifespan ran and shut the default runtime down (a `with TestClient`
+            # block that ended): a fresh one for the requests that follow.
+            rt = self.runtime = Runtime()
+            self._hosted(rt)
+        return rt
+
+    def _hosted(self, rt: Runtime) -> None:
+        """Let ``rt`` start on its own loop thread when first used (if nothing starts it)."""
+        if rt._state != "new" or rt.autostart is not None:
+            return
+        host = host_for(rt)
+        rt.autostart = _Autostart(host)
+        if self._owns_runtime:
+            # A dropped app (a test's app factory) lets its runtime and thread go.
+            weakref.finalize(self, host.release).atexit = False
+
+    def _wrong_loop(self) -> None:
+        """The lifespan started the runtime on an event loop that is not running, and
+        this request runs on another one (in the same thread): no task could run.
+        The request goes to the app untouched, with no active runtime."""
+        if self._warned_wrong_loop:
+            return
+        self._warned_wrong_loop = True
+        logger.warning(
+            "bgtasks: a request runs on another event loop than the one the ASGI lifespan "
+            "started the runtime on, and that loop is not running, so no task could run: "
+            "requests get no active runtime. Serve requests on the loop that ran the "
+            "lifespan (enter asgi_lifespan.LifespanManager(app) in the same event loop as "
+            "the requests), or do not run the lifespan: the runtime then starts on its own "
+            "thread."
+        )
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rt = self.runtime
+        if self._mode != "lifespan" or rt._loop is not _get_running_loop():
+            found = self._runtime_for_request(scope)
+            if found is None:
+                await self.app(scope, receive, send)
+                return
+            rt = found
         root_path: str = scope.get("root_path", "")
         path: str = scope["path"]
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
-        task_id = self.routes.match(path)
-        if task_id is not None:
-            await self._status(scope, receive, send, rt, task_id)
+        if self.routes.owns(path):
+            await self._serve_route(scope, receive, send, rt, path)
             return
         request = _Request(self.routes, scope, root_path, send)
         rt_token = _context.active_runtime.set(rt)
@@ -139,40 +205,28 @@ class BackgroundMiddleware:
             _context.responder.reset(responder_token)
             _context.active_runtime.reset(rt_token)
 
-    async def _status(
-        self, scope: Scope, receive: Receive, send: Send, rt: Runtime, task_id: str
+    async def _serve_route(
+        self, scope: Scope, receive: Receive, send: Send, rt: Runtime, path: str
     ) -> None:
-        """Serve ``GET``/``HEAD``/``DELETE <prefix>/<id>``."""
-        routes = self.routes
+        """Serve a bgtasks route (``GET``/``HEAD``/``DELETE <prefix>/<id>``, ...)."""
         method: str = scope["method"]
-        # Any store but the plain memory one may read a file: keep that off the loop.
-        in_thread = type(rt.store) is not MemoryStore
-        if in_thread:
+        if rt._state == "new" and rt.autostart is not None:
             import anyio.to_thread
 
-            found = await anyio.to_thread.run_sync(routes.lookup, rt, method, task_id)
-        else:
-            found = routes.lookup(rt, method, task_id)
-        if isinstance(found, Reply):
-            reply = found
-        else:
-            allowed = True
-            if routes.authorize is not None:
-                verdict = await self._authorize(scope, receive, found, method)
-                if isinstance(verdict, Reply):
-                    await _send_reply(send, verdict, head=method == "HEAD")
-                    return
-                allowed = verdict
-            if in_thread:
-                import anyio.to_thread
+            await anyio.to_thread.run_sync(rt.autostart)
+        query = scope.get("query_string", b"").decode("latin-1")
+        found = self.routes.dispatch(rt, method, path, query)
 
-                reply = await anyio.to_thread.run_sync(routes.act, rt, method, found, allowed)
-            else:
-                reply = routes.act(rt, method, found, allowed)
+        async def decide(ask: _http.Ask) -> bool | Reply:
+            return await self._authorize(scope, receive, ask, method)
+
+        # Any store but the plain memory one may read a file: keep that off the loop.
+        in_thread = type(rt.store) is not MemoryStore
+        reply = await _http.run_async(found, decide, in_thread=in_thread)
         await _send_reply(send, reply, head=method == "HEAD")
 
     async def _authorize(
-        self, scope: Scope, receive: Receive, record: TaskRecord, method: str
+        self, scope: Scope, receive: Receive, ask: _http.Ask, method: str
     ) -> bool | Reply:
         """Ask the ``authorize`` hook; an ``HTTPException`` it raises is answered as is."""
         hook = self.routes.authorize
@@ -186,16 +240,15 @@ class BackgroundMiddleware:
             request, http_exception = scope, None
         else:
             request, http_exception = Request(scope, receive), HTTPException
-        action = self.routes.action(method)
         verdict: Any
         try:
             if _is_async(hook):
-                verdict = await hook(request, record, action)  # type: ignore[misc]
+                verdict = await hook(request, ask.record, ask.action)  # type: ignore[misc]
             else:
                 # Like a sync Starlette endpoint: it may block (a database lookup).
                 import anyio.to_thread
 
-                verdict = await anyio.to_thread.run_sync(hook, request, record, action)
+                verdict = await anyio.to_thread.run_sync(hook, request, ask.record, ask.action)
                 if inspect.isawaitable(verdict):
                     verdict = await verdict
         except Exception as exc:
@@ -206,6 +259,15 @@ class BackgroundMiddleware:
             raise
         return bool(verdict)
 
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drain and stop a runtime that runs on its own thread (no lifespan), now.
+
+        The process exit does this by itself; use it in tests. Returns False if
+        it was still shutting down after ``timeout`` seconds. Call it from
+        outside the event loop (a lifespan's runtime is drained by the lifespan).
+        """
+        return stop_runtime(self.runtime, timeout)
+
     # ------------------------------------------------------------------ lifespan
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Start the runtime before the app's startup; drain it before the app's shutdown.
@@ -215,23 +277,39 @@ class BackgroundMiddleware:
         shutdown code runs after the runtime has drained, so tasks can still
         use what the app's lifespan set up. An app that does not speak the
         lifespan protocol (it raises or returns without reading it) is
-        answered by the middleware itself.
+        answered by the middleware itself. Off asyncio (trio), the runtime
+        runs on its own loop thread for the lifespan's length.
         """
         message = await receive()
         if message["type"] != "lifespan.startup":  # not the protocol we know: stay out
             await self.app(scope, _replay(message, receive), send)
             return
-        rt = self._runtime_for_lifespan()
+        rt, host = self._runtime_for_lifespan()
         try:
-            await rt.start()
+            if host is not None:
+                import anyio.to_thread
+
+                await anyio.to_thread.run_sync(host.ensure_started)
+            else:
+                await rt.start()
         except Exception as exc:
             text = f"bgtasks: the runtime failed to start: {type(exc).__name__}: {exc}"
             await send({"type": "lifespan.startup.failed", "message": text})
             raise  # as Starlette does: servers and test clients expect both
-        self._ready = True
-        self._lazy = False
-        self._prepare_app(scope)
+        if host is None:
+            self._mode = "lifespan"
+        self._prepared = True
+        prepare_app(scope.get("app"), self.app)
         state = _LifespanState()
+
+        async def stop() -> None:
+            self._mode = None
+            if host is None:
+                await _shutdown(rt)
+            else:
+                import anyio.to_thread
+
+                await anyio.to_thread.run_sync(host.stop)
 
         async def app_receive() -> Message:
             if not state.startup_given:
@@ -240,7 +318,7 @@ class BackgroundMiddleware:
             msg = await receive()
             if msg["type"] == "lifespan.shutdown":
                 state.shutdown_seen = True
-                await _shutdown(rt)
+                await stop()
             return msg
 
         async def app_send(msg: Message) -> None:
@@ -249,7 +327,7 @@ class BackgroundMiddleware:
                 state.startup_reported = True
             elif kind == "lifespan.startup.failed":
                 state.startup_reported = True
-                await _shutdown(rt)
+                await stop()
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 state.shutdown_reported = True
             await send(msg)
@@ -260,12 +338,12 @@ class BackgroundMiddleware:
         except Exception as exc:
             if state.startup_given and not state.startup_reported:
                 # The app read the startup event and failed in its startup code.
-                await _shutdown(rt)
+                await stop()
                 text = f"{type(exc).__name__}: {exc}"
                 await send({"type": "lifespan.startup.failed", "message": text})
                 raise
             if state.startup_reported:
-                await _shutdown(rt)
+                await stop()
                 raise
             logger.debug(
                 "bgtasks: the app does not support the lifespan protocol (%s: %s); "
@@ -274,7 +352,7 @@ class BackgroundMiddleware:
                 exc,
             )
         except BaseException:
-            await _shutdown(rt)
+            await stop()
             raise
         finally:
             _context.active_runtime.reset(token)
@@ -283,71 +361,63 @@ class BackgroundMiddleware:
             await send({"type": "lifespan.startup.complete"})
         if not state.shutdown_seen:
             await receive()  # lifespan.shutdown
-            await _shutdown(rt)
+            await stop()
         if not state.shutdown_reported:
             await send({"type": "lifespan.shutdown.complete"})
 
-    def _runtime_for_lifespan(self) -> Runtime:
+    def _runtime_for_lifespan(self) -> tuple[Runtime, LoopThread | None]:
+        """The runtime this lifespan runs, and its loop thread if it runs on one."""
         rt = self.runtime
         if self._owns_runtime and rt._state != "new":
-            # A default runtime runs once per lifespan: a new one for each.
+            # A default runtime runs once per lifespan: a new one for each. One that
+            # a request started on its own thread drains there and lets go.
+            if isinstance(rt.autostart, _Autostart):
+                rt.autostart.host.release()
             rt = self.runtime = Runtime()
-        return rt
+        if _get_running_loop() is None:  # trio, or another loop than asyncio's
+            self._hosted(rt)
+            return rt, host_for(rt)
+        if rt._state == "started" and isinstance(rt.autostart, _Autostart):
+            return rt, rt.autostart.host  # your runtime, already on its own thread
+        return rt, None
 
-    async def _start_lazily(self, scope: Scope) -> Runtime:
-        """No lifespan (``uvicorn --lifespan off``): start on the first request."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            rt = self.runtime
-            if self._ready:
-                return rt
-            if rt._state == "new":
-                await rt.start()
-            self._ready = True
-            self._lazy = True
-            self._prepare_app(scope)
+
+def stop_runtime(runtime: Runtime, timeout: float | None = None) -> bool:
+    """Drain and stop ``runtime`` now if it runs on its own thread (no lifespan ran it).
+
+    For tests that use ``TestClient(app)`` without ``with`` or
+    ``httpx.ASGITransport`` and want every task finished at a point; the
+    process exit does it by itself. Returns False if it was still shutting
+    down after ``timeout`` seconds; True at once for a runtime no thread runs.
+    Call it from outside the runtime's own thread.
+    """
+    autostart = runtime.autostart
+    if isinstance(autostart, _Autostart):
+        return autostart.host.stop(timeout)
+    return True
+
+
+class _Autostart:
+    """``Runtime.autostart`` for a runtime no lifespan runs: start it on a loop thread."""
+
+    __slots__ = ("host",)
+
+    def __init__(self, host: LoopThread) -> None:
+        self.host = host
+
+    def __call__(self) -> None:
+        host = self.host
+        first = not host.running
+        host.ensure_started()
+        if first and threading.current_thread() is threading.main_thread():
+            # A server's own loop (a test client runs requests on another thread).
             logger.warning(
-                "bgtasks: the ASGI server did not run the lifespan protocol, so the runtime "
-                "was started by the first request and shutdown cannot drain it: tasks still "
-                "running when the process exits are lost. Run the server with lifespan on "
-                "(uvicorn's default; not --lifespan off)."
+                "bgtasks: no ASGI lifespan started the runtime, so the first task started "
+                "it on its own thread. It drains when the process exits normally or on "
+                "Ctrl-C, but not when the server ends the process with a signal "
+                "(uvicorn --lifespan off re-raises SIGTERM). Run the server with lifespan "
+                "on (uvicorn's default)."
             )
-            return rt
-
-    def _prepare_app(self, scope: Scope) -> None:
-        """Get the app ready as the runtime starts: 202 in OpenAPI, 503 in every Starlette app.
-
-        ``scope["app"]`` is the Starlette app when the middleware was added
-        with ``app.add_middleware``; wrapped directly
-        (``BackgroundMiddleware(app)``), the middleware is outside the app and
-        the scope carries none yet, so the wrapped app is looked for too.
-        """
-        outer = scope.get("app")
-        try:
-            inner = _framework_app(self.app)
-            for app in (outer, inner) if inner is not outer else (outer,):
-                if app is not None:
-                    document_background_routes(app)
-            # A Starlette app's ServerErrorMiddleware sends a 500 for any exception
-            # and re-raises it, so a RegistryFull raised in a Starlette app this
-            # middleware is outside of (the wrapped app, mounted sub-applications)
-            # must be answered in that app, by an exception handler.
-            for app in _starlette_apps(inner):
-                _answer_overload(app)
-        except Exception:  # like documentation, this must never stop an app from starting
-            logger.exception("bgtasks: could not prepare the app (202 in OpenAPI, 503 handlers)")
-
-    @staticmethod
-    def _check_loop(rt: Runtime) -> None:
-        if rt._loop is not None and rt._loop is not asyncio.get_running_loop():
-            msg = (
-                "this request runs on another event loop than the one the bgtasks runtime "
-                "was started on, so its tasks could not run. Starlette's TestClient runs "
-                "each request on a new loop unless it is used as a context manager: write "
-                "`with TestClient(app) as client:`."
-            )
-            raise RuntimeError(msg)
 
 
 class _LifespanState:
@@ -365,7 +435,7 @@ class _Request:
 
     __slots__ = ("_root_path", "_routes", "_scope", "_send", "started")
 
-    def __init__(self, routes: StatusRoutes, scope: Scope, root_path: str, send: Send) -> None:
+    def __init__(self, routes: _http.Router, scope: Scope, root_path: str, send: Send) -> None:
         self._routes = routes
         self._scope = scope
         # Captured now: a Mount rewrites scope["root_path"] on the way in, but the
@@ -397,7 +467,7 @@ class _Request:
 
     def accepted(self, handle: TaskHandle) -> Any:
         url = self._root_path + self._routes.url_path(handle.id)
-        return _response(accepted(handle, url))
+        return response(accepted(handle, url))
 
 
 def accepted_response(handle: TaskHandle) -> Any:
@@ -416,27 +486,6 @@ def accepted_response(handle: TaskHandle) -> Any:
         )
         raise RuntimeNotActive(msg)
     return request.accepted(handle)
-
-
-_Response: Any = None
-
-
-def _response(reply: Reply) -> Any:
-    """A ``starlette.responses.Response`` for ``reply``."""
-    global _Response
-    if _Response is None:
-        try:
-            from starlette.responses import Response
-        except ImportError as exc:  # pragma: no cover - an endpoint implies a router
-            msg = (
-                "a @background endpoint needs Starlette to build its 202 response: "
-                "pip install 'bgtasks[fastapi]' (or 'bgtasks[starlette]')."
-            )
-            raise ImportError(msg) from exc
-        _Response = Response
-    response = _Response(reply.body, status_code=reply.status)
-    response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    return response
 
 
 async def _send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
@@ -476,128 +525,9 @@ def _registry_full(exc: BaseException) -> RegistryFull | None:
     return None
 
 
-def _framework_app(app: Any) -> Any:
-    """The app with routes under ``app``'s chain of middleware (``.app``), or ``app``."""
-    node = app
-    for _ in range(_MAX_DEPTH):
-        if node is None:
-            break
-        if getattr(node, "routes", None) is not None:
-            return node
-        node = getattr(node, "app", None)
-    return app
-
-
-def _starlette_apps(app: Any) -> list[Any]:
-    """``app`` if it is a Starlette app, and every Starlette app mounted under it."""
-    applications = sys.modules.get("starlette.applications")
-    routing = sys.modules.get("starlette.routing")
-    if applications is None or routing is None:  # no Starlette app can exist
-        return []
-    starlette: type = applications.Starlette
-    mounts = (routing.Mount, routing.Host)
-    found: list[Any] = []
-    seen: set[int] = set()
-
-    def visit(node: Any, depth: int) -> None:
-        node = _framework_app(node)
-        if id(node) in seen or depth > _MAX_DEPTH:
-            return
-        seen.add(id(node))
-        if isinstance(node, starlette):
-            found.append(node)
-        for route in getattr(node, "routes", None) or ():
-            if isinstance(route, mounts):
-                visit(route.app, depth + 1)
-
-    visit(app, 0)
-    return found
-
-
-def _answer_overload(app: Any) -> None:
-    """Answer ``RegistryFull`` in the Starlette app ``app`` with 503, unless it does already."""
-    for key, handler in app.exception_handlers.items():
-        if (
-            isinstance(key, type)
-            and key is not Exception  # the 500 handler: ServerErrorMiddleware's, too late
-            and issubclass(RegistryFull, key)
-            and handler is not _overload_handler
-        ):
-            return  # the app's own handler for RegistryFull (or a base class) decides
-    app.add_exception_handler(RegistryFull, _overload_handler)
-    node = app.middleware_stack
-    if node is None:  # built on the app's first call, with the handler
-        return
-    # Built already: its ExceptionMiddleware copied the handlers; tell it too.
-    from starlette.middleware.exceptions import ExceptionMiddleware
-
-    for _ in range(_MAX_DEPTH):
-        if node is None or node is app.router:
-            break
-        if isinstance(node, ExceptionMiddleware):
-            node.add_exception_handler(RegistryFull, _overload_handler)
-            return
-        node = getattr(node, "app", None)
-    logger.warning(
-        "bgtasks: %s was started before BackgroundMiddleware saw it and its exception "
-        "middleware was not found, so RegistryFull raised in it answers 500, not 503; "
-        "add the middleware with app.add_middleware(BackgroundMiddleware) instead.",
-        type(app).__name__,
-    )
-
-
-async def _overload_handler(request: Any, exc: Exception) -> Any:
-    """A Starlette exception handler: ``RegistryFull`` -> 503 with ``Retry-After``."""
-    assert isinstance(exc, RegistryFull)
-    reply = overloaded(exc)
-    if request.method == "HEAD":
-        reply = Reply(reply.status, reply.headers, b"")
-    return _response(reply)
-
-
 def _is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
     )
 
 
-def document_background_routes(app: Any) -> int:
-    """Document each FastAPI ``@background`` route as ``202 Accepted``; return how many.
-
-    A ``@background`` endpoint's signature already gives FastAPI the 202 body
-    (``TaskAccepted``) as its response model; the status code is the route's
-    own, 200 unless the route says ``status_code=202``. The middleware calls
-    this when the app starts, for routes that set no status code. Call it
-    yourself before exporting ``app.openapi()`` without starting the app (or
-    write ``status_code=202`` on those routes).
-    """
-    try:
-        from fastapi.routing import APIRoute
-    except ImportError:
-        return 0
-    count = 0
-    seen: set[int] = set()
-
-    def walk(routes: Any) -> None:
-        nonlocal count
-        for route in routes:
-            if isinstance(route, APIRoute):
-                if route.status_code is None and hasattr(route.endpoint, "__bgtasks__"):
-                    route.status_code = 202
-                    if route.response_description == "Successful Response":
-                        route.response_description = _ACCEPTED_DESCRIPTION
-                    count += 1
-                continue
-            sub = getattr(route, "routes", None)  # Mount, Host, a sub-application
-            if sub and id(sub) not in seen:
-                seen.add(id(sub))
-                walk(sub)
-
-    try:
-        walk(getattr(app, "routes", None) or ())
-    except Exception:  # documentation must never stop an app from starting
-        logger.exception("bgtasks: could not document the app's @background routes")
-        return count
-    if count and getattr(app, "openapi_schema", None) is not None:
-        app.openapi_schema = None  # generated before: generate it again
-    return count

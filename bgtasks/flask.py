@@ -16,17 +16,21 @@
         ...
 
 ``init_app`` wraps ``app.wsgi_app`` in ``bgtasks.wsgi.BackgroundMiddleware``
-(runtime per worker process, active runtime in every request), registers the
-status routes as the Flask view ``bgtasks.task_status`` (so your
+(runtime per worker process, active runtime in every request) and registers
+a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``. The
+status routes become the Flask view ``bgtasks.task_status`` (so your
 ``before_request``/``after_request`` hooks, CORS and error handlers apply to
-them) and a ``RegistryFull`` error handler answering ``503`` + ``Retry-After``.
+them) as the app serves its first request, so the app's URL map is its own
+until then. The middleware holds the app weakly: a dropped app is freed, and
+its runtime drains and lets its thread go.
 
 Work scheduled during a request (a ``@background`` view, a ``@background``
 function called from a view, ``bgtasks.wait_until(fn, ...)`` or
-``bgtasks.wait_until(coro)``) runs inside a fresh app and request context
-rebuilt from the request: its body (read before the response is sent), its
-headers and URL, a shallow copy of ``g``; ``teardown_request`` and
-``teardown_appcontext`` run when the task ends.
+``bgtasks.wait_until(coro)``) runs inside a fresh request context rebuilt
+from the request with Flask's public API (``app.request_context(environ)``):
+its body (read before the response is sent), its headers and URL, a shallow
+copy of ``g``; ``teardown_request`` and ``teardown_appcontext`` run when the
+task ends.
 """
 
 from __future__ import annotations
@@ -37,15 +41,15 @@ import enum
 import functools
 import inspect
 import io
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 try:
     import flask
     from flask import current_app, g, has_request_context, request
-    from flask.ctx import RequestContext
-    from flask.globals import request_ctx
-    from werkzeug.datastructures import EnvironHeaders, FileStorage, ImmutableMultiDict
+    from werkzeug.datastructures import FileStorage, ImmutableMultiDict
     from werkzeug.wrappers import Response as WerkzeugResponse
 except ImportError as exc:  # pragma: no cover - depends on the environment
     msg = "bgtasks.flask needs Flask: pip install 'bgtasks[flask]'."
@@ -57,7 +61,7 @@ from ._runtime import Runtime, is_async_callable
 from .wsgi import BackgroundMiddleware, call_authorize
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from ._handle import TaskHandle
     from ._task import TaskRecord
@@ -70,6 +74,8 @@ FlaskAuthorize = Callable[[Any, "TaskRecord", _http.Action], bool]
 
 EXTENSION_KEY = "bgtasks"
 STATUS_ENDPOINT = "bgtasks.task_status"
+#: The view of every other path under a bgtasks mount (404/405 from the route table).
+ROUTES_ENDPOINT = "bgtasks.routes"
 
 # Config keys read by init_app when no runtime is passed, and the Runtime
 # argument each one sets.
@@ -107,7 +113,7 @@ class BgTasksState:
     middleware: BackgroundMiddleware
     #: Builds the status URLs of 202 answers; the status view is registered
     #: only if ``serves_status``.
-    routes: _http.StatusRoutes
+    routes: _http.Router
     serves_status: bool = True
 
 
@@ -125,7 +131,8 @@ class BgTasks:
     too), else ``"/_bgtasks/tasks"``. ``authorize(request, record, action)``, a
     sync callable run in the status request's context, may refuse a read or a
     cancel (the client gets 404). ``include_result``: whether the status JSON
-    carries results.
+    carries results; ``include_error_message``: whether it carries error
+    messages (they may carry secrets).
     """
 
     def __init__(
@@ -136,11 +143,13 @@ class BgTasks:
         status_prefix: str | Literal[_Default.FROM_CONFIG] | None = _FROM_CONFIG,
         authorize: FlaskAuthorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         self._runtime = runtime
         self._status_prefix = status_prefix
         self._authorize = authorize
         self._include_result = include_result
+        self._include_error_message = include_error_message
         if app is not None:
             self.init_app(app)
 
@@ -154,21 +163,19 @@ class BgTasks:
         if prefix is _FROM_CONFIG:
             prefix = app.config.get("BGTASKS_STATUS_PREFIX", _http.DEFAULT_PREFIX)
         serves = prefix is not None
-        routes = _http.StatusRoutes(
+        routes = _http.Router(
             prefix=_http.DEFAULT_PREFIX if prefix is None else prefix,
             authorize=self._authorize,
             include_result=self._include_result,
+            include_error_message=self._include_error_message,
         )
-        middleware = _FlaskMiddleware(app.wsgi_app, runtime=runtime, routes=routes)
+        middleware = _FlaskMiddleware(app, runtime=runtime, routes=routes, serves=serves)
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves)
-        if serves:
-            app.add_url_rule(
-                f"{routes.prefix}/<task_id>",
-                endpoint=STATUS_ENDPOINT,
-                view_func=_task_status,
-                methods=["GET", "DELETE"],
-            )
+        if self._runtime is None:
+            # The app's own runtime: when the app is dropped (an app factory in a
+            # test suite), its runtime drains and its loop thread and descriptors go.
+            weakref.finalize(app, middleware._host.release).atexit = False
         # Leave a RegistryFull handler the app registered itself.
         if RegistryFull not in app.error_handler_spec[None][None]:
             app.register_error_handler(RegistryFull, _overloaded)
@@ -185,6 +192,41 @@ class BgTasks:
         ``timeout`` seconds.
         """
         return _state(app).middleware.stop(timeout)
+
+
+def _add_views(app: flask.Flask, routes: _http.Router) -> None:
+    """Flask views for the bgtasks routes, so the app's before_request/after_request
+    hooks, CORS and error handlers apply; the route table in bgtasks._http answers."""
+    methods = sorted({m for r in routes.routes for m in r.methods} - {"HEAD"})
+    app.add_url_rule(
+        f"{routes.prefix}/<task_id>",
+        endpoint=STATUS_ENDPOINT,
+        view_func=_serve_route,
+        methods=methods,
+    )
+    for i, mount in enumerate(routes.mounts):
+        app.add_url_rule(
+            f"{mount}/<path:_rest>",
+            endpoint=ROUTES_ENDPOINT if i == 0 else f"{ROUTES_ENDPOINT}{i}",
+            view_func=_serve_route,
+            methods=methods,
+        )
+
+
+class _WeakMethod:
+    """A Flask app's own ``wsgi_app`` method, held without a reference to the app."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Any) -> None:
+        self._method = weakref.WeakMethod(method)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        method = self._method()
+        if method is None:  # pragma: no cover - the app is gone
+            msg = "the Flask app of this bgtasks middleware was garbage-collected."
+            raise RuntimeError(msg)
+        return method(environ, start_response)
 
 
 def _state(app: flask.Flask | None) -> BgTasksState:
@@ -204,13 +246,39 @@ def _runtime_from_config(config: flask.Config) -> Runtime:
 
 # --------------------------------------------------------------------------- requests
 class _FlaskMiddleware(BackgroundMiddleware):
-    """The WSGI middleware without its own status routes: Flask serves them."""
+    """The WSGI middleware without its own status routes: Flask serves them.
+
+    It holds the Flask app weakly (Flask apps are freed by reference counting
+    alone, with no cycle), and adds the status views to the app as the app
+    serves its first request, so the app's URL map (``flask routes``, tests of
+    it) is the app's own until then.
+    """
 
     def __init__(
-        self, app: WSGIApplication, *, runtime: Runtime, routes: _http.StatusRoutes
+        self, app: flask.Flask, *, runtime: Runtime, routes: _http.Router, serves: bool
     ) -> None:
-        super().__init__(app, runtime=runtime, status_prefix=None)
+        wsgi_app: Any = app.wsgi_app
+        if getattr(wsgi_app, "__self__", None) is app:
+            wsgi_app = _WeakMethod(wsgi_app)
+        super().__init__(wsgi_app, runtime=runtime, status_prefix=None)
         self._flask_routes = routes
+        self._flask_app = weakref.ref(app)
+        self._views_added = not serves
+        self._views_lock = threading.Lock()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if not self._views_added:
+            self._add_views()
+        return super().__call__(environ, start_response)
+
+    def _add_views(self) -> None:
+        with self._views_lock:
+            app = self._flask_app()
+            if self._views_added or app is None:
+                return
+            if STATUS_ENDPOINT not in app.view_functions:
+                _add_views(app, self._flask_routes)
+            self._views_added = True
 
     def _responder(self, environ: WSGIEnvironment) -> _FlaskResponder:
         return _FlaskResponder(environ.get("HTTP_IDEMPOTENCY_KEY"), self._flask_routes)
@@ -221,7 +289,7 @@ class _FlaskResponder:
 
     __slots__ = ("_chain", "idempotency_key", "routes")
 
-    def __init__(self, idempotency_key: str | None, routes: _http.StatusRoutes) -> None:
+    def __init__(self, idempotency_key: str | None, routes: _http.Router) -> None:
         # The same normalisation as the ASGI adapter: a long key is hashed, not dropped.
         self.idempotency_key = _http.idempotency_key_from_header(idempotency_key)
         self.routes = routes
@@ -234,7 +302,7 @@ class _FlaskResponder:
         if chain is None:
             if not has_request_context():
                 return False
-            chain = self._chain = _view_chain(request_ctx._get_current_object())  # type: ignore[attr-defined]
+            chain = self._chain = _view_chain()
         return any(view is fn for view in chain)
 
     def accepted(self, handle: TaskHandle) -> flask.Response:
@@ -245,15 +313,14 @@ class _FlaskResponder:
         """Carry this request's app and request context into ``work``."""
         if not has_request_context():
             return work
-        ctx: RequestContext = request_ctx._get_current_object()  # type: ignore[attr-defined]
         if inspect.iscoroutine(work):
-            carry = _Carry(ctx, endpoint=False)
+            carry = _Carry(endpoint=False)
             coro: Any = _await_in_context(carry, work)
             coro.__qualname__ = work.__qualname__
             return coro
         if not callable(work):
             return work
-        carry = _Carry(ctx, endpoint=self.is_endpoint(work))
+        carry = _Carry(endpoint=self.is_endpoint(work))
         if is_async_callable(work):
 
             @functools.wraps(work)
@@ -272,10 +339,11 @@ class _FlaskResponder:
         return run
 
 
-def _view_chain(ctx: RequestContext) -> tuple[Any, ...]:
+def _view_chain() -> tuple[Any, ...]:
     """The request's view function and what it wraps (decorators above
     ``@background``, such as ``login_required``, wrap it with functools.wraps)."""
-    view = ctx.app.view_functions.get(ctx.request.endpoint)  # type: ignore[arg-type]
+    endpoint = request.endpoint
+    view = None if endpoint is None else current_app.view_functions.get(endpoint)
     chain: list[Any] = []
     while view is not None and len(chain) < 16:
         chain.append(view)
@@ -288,54 +356,22 @@ async def _await_in_context(carry: _Carry, coro: Any) -> Any:
         return await coro
 
 
-# Request attributes a task's request does not take over from its request's:
-# bound to the request's environ or input stream, per-attempt state, or
-# mutable values (the parsed JSON) the two threads must not share.
-_NOT_CARRIED = frozenset(
-    ("environ", "headers", "stream", "files", "form", "_cached_json", "url_rule", "view_args")
-)
-
-# What RequestContext.__init__ sets in the Flask versions _TaskRequestContext
-# knows; any other layout takes the general path (app.request_context).
-_CTX_ATTRS = frozenset(
-    (
-        "app",
-        "request",
-        "url_adapter",
-        "flashes",
-        "_session",
-        "_after_request_functions",
-        "_cv_tokens",
-    )
-)
-
-
 class _Carry:
-    """What a task needs to rebuild its request's context, taken in the request."""
+    """What a task needs to rebuild its request's context, taken in the request.
 
-    __slots__ = (
-        "app",
-        "body",
-        "endpoint",
-        "environ",
-        "fast",
-        "files",
-        "form",
-        "g",
-        "request_state",
-        "routing_exception",
-        "session",
-        "url_adapter",
-        "url_rule",
-        "view_args",
-    )
+    Only Flask's public API: the task's context is ``app.request_context(environ)``
+    for a copy of the request's environ with its body (read now: once the
+    response is sent the server may discard it), ``g`` is copied into it, and a
+    form the request parsed already is handed over.
+    """
 
-    def __init__(self, ctx: RequestContext, *, endpoint: bool) -> None:
-        app = ctx.app
-        req = ctx.request
+    __slots__ = ("app", "body", "endpoint", "environ", "files", "form", "g")
+
+    def __init__(self, *, endpoint: bool) -> None:
+        app: flask.Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        req: flask.Request = request._get_current_object()  # type: ignore[attr-defined]
         self.app = app
         self.endpoint = endpoint
-        # Read the body now: once the response is sent the server may discard it.
         self.body: bytes = req.get_data(cache=True)
         self.environ = dict(req.environ)
         for key in _DROP:
@@ -351,69 +387,26 @@ class _Carry:
             self.files = ImmutableMultiDict(
                 [(k, _copy_file(f)) for k, f in req.files.items(multi=True)]
             )
-        self.g = dict(vars(g._get_current_object()))
-        # The request's URL adapter (read-only once bound) and routing result:
-        # the task's context reuses them instead of binding and matching again.
-        self.fast = type(ctx) is RequestContext and vars(ctx).keys() == _CTX_ATTRS
-        self.url_adapter = ctx.url_adapter
-        self.url_rule = req.url_rule
-        view_args = req.view_args
-        self.view_args = None if view_args is None else dict(view_args)
-        self.routing_exception = req.routing_exception
-        self.request_state: dict[str, Any] | None = None
-        self.session: Any = None
-        if self.fast and type(req) is app.request_class:
-            # What the request computed already (its parsed URL, args, cookies,
-            # cached body...), for the task's request to start from instead of
-            # parsing the environ again; and its session, already opened (as
-            # Flask's own RequestContext.copy() does). Everything tied to the
-            # request's environ or streams is left out and made afresh.
-            state = dict(vars(req))
-            for key in _NOT_CARRIED:
-                state.pop(key, None)
-            self.request_state = state
-            self.session = ctx._session
-
-    def new_request(self, environ: WSGIEnvironment) -> flask.Request:
-        """The task's request object, for one attempt."""
-        state = self.request_state
-        if state is None:
-            req = self.app.request_class(environ)
-            req.json_module = self.app.json
-            return req
-        cls = self.app.request_class  # the request's own class (checked in __init__)
-        req = cls.__new__(cls)
-        d = vars(req)
-        d.update(state)
-        d["environ"] = environ
-        d["headers"] = EnvironHeaders(environ)
-        environ["werkzeug.request"] = req
-        return req
-
-    def contexts(self) -> tuple[flask.ctx.AppContext, RequestContext]:
-        """A fresh app context (the request's own has been torn down, or will be)
-        holding a copy of ``g``, and a fresh request context; neither pushed."""
-        app = self.app
-        environ = dict(self.environ)
-        environ["wsgi.input"] = io.BytesIO(self.body)  # fresh for every attempt
-        app_ctx = app.app_context()
-        vars(app_ctx.g).update(self.g)
-        ctx = _TaskRequestContext(self, environ) if self.fast else app.request_context(environ)
-        if self.form is not None and self.files is not None:
-            ctx.request.form = self.form
-            ctx.request.files = self.files
-        return app_ctx, ctx
+        self.g = {name: g.get(name) for name in g}
 
     def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``fn(*args, **kwargs)`` inside the rebuilt contexts, as a task result."""
-        app_ctx, ctx = self.contexts()
-        with app_ctx, ctx:
+        """``fn(*args, **kwargs)`` inside the rebuilt context, as a task result."""
+        with self.pushed():
             return self.result(fn(*args, **kwargs))
 
     @contextlib.contextmanager
     def pushed(self) -> Iterator[None]:
-        app_ctx, ctx = self.contexts()
-        with app_ctx, ctx:
+        """A fresh request context (the request's own has been torn down, or will
+        be) holding a copy of ``g``; ``teardown_request`` and ``teardown_appcontext``
+        run when it ends."""
+        environ = dict(self.environ)
+        environ["wsgi.input"] = io.BytesIO(self.body)  # fresh for every attempt
+        with self.app.request_context(environ):
+            for name, value in self.g.items():
+                setattr(g, name, value)
+            if self.form is not None and self.files is not None:
+                request.form = self.form
+                request.files = self.files
             yield
 
     def result(self, rv: Any) -> Any:
@@ -424,36 +417,6 @@ class _Carry:
         if response.is_json:
             return response.get_json(silent=True)
         return response.get_data(as_text=True)
-
-
-class _TaskRequestContext(RequestContext):
-    """A task's request context: the request's bound URL adapter and routing
-    result are reused rather than computed again (they do not change)."""
-
-    def __init__(self, carry: _Carry, environ: WSGIEnvironment) -> None:
-        # RequestContext.__init__ without create_url_adapter (Flask 2.3 to 3.1;
-        # _Carry.fast checked the layout on the request's own context).
-        app = carry.app
-        request = carry.new_request(environ)
-        self.app = app
-        self.request = request
-        self.url_adapter = carry.url_adapter
-        self.flashes = None
-        self._session = carry.session  # None: opened on push, as usual
-        self._after_request_functions = []
-        self._cv_tokens = []
-        self._carry = carry
-        if carry.url_adapter is None and carry.routing_exception is not None:
-            request.routing_exception = carry.routing_exception
-
-    def match_request(self) -> None:
-        carry = self._carry
-        request = self.request
-        if carry.routing_exception is not None:
-            request.routing_exception = carry.routing_exception
-        else:
-            request.url_rule = carry.url_rule
-            request.view_args = None if carry.view_args is None else dict(carry.view_args)
 
 
 def _copy_file(f: FileStorage) -> FileStorage:
@@ -476,14 +439,20 @@ def _overloaded(exc: RegistryFull) -> flask.Response:
     return _response(_http.overloaded(exc))
 
 
-def _task_status(task_id: str) -> flask.Response:
+def _serve_route(**_: Any) -> flask.Response:
+    """The Flask view of every bgtasks route: the route table in ``bgtasks._http`` answers."""
     state = _state(None)
     routes = state.routes
+    method = request.method
+    query = request.query_string.decode("latin-1")
     rt = state.runtime
-    found = routes.lookup(rt, request.method, task_id)
-    if isinstance(found, _http.Reply):
-        return _response(found)
-    allowed = True
-    if routes.authorize is not None:
-        allowed = call_authorize(routes.authorize, request, found, routes.action(request.method))
-    return _response(routes.act(rt, request.method, found, allowed))
+    if rt._state == "new":  # nothing scheduled yet in this process: start it to look
+        rt = state.middleware._host.ensure_started()
+    found = routes.dispatch(rt, method, request.path, query)
+    authorize = routes.authorize
+
+    def decide(ask: _http.Ask) -> bool:
+        assert authorize is not None
+        return call_authorize(authorize, request, ask.record, ask.action)
+
+    return _response(_http.run_sync(found, decide))

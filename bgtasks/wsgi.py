@@ -8,8 +8,9 @@ request, the status routes, and ``503`` + ``Retry-After`` on ``RegistryFull``.
     application = BackgroundMiddleware(application)
 
 WSGI has no lifespan: the runtime runs on its own event-loop thread in each
-worker process, started on the first request the process serves (so it
-starts after a fork) and drained when the process exits (see
+worker process, started by the first work the process schedules (so it
+starts after a fork, and never for an app that does not use it) and drained
+when the process exits (see
 ``bgtasks._loopthread``). In a request, ``bgtasks.wait_until`` and
 ``@background`` functions schedule on it and return a ``TaskHandle``; a plain
 WSGI app answers with ``accepted(handle, environ, start_response)`` when it
@@ -19,9 +20,9 @@ makes a ``@background`` view answer 202 by itself.)
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,8 @@ class BackgroundMiddleware:
     None to serve no status routes. ``authorize(environ, record, action)``, a
     sync callable, may refuse a read or a cancel (the client then gets 404);
     by default anyone who knows a task's id may read and cancel it.
-    ``include_result``: whether the status JSON carries the task's result.
+    ``include_result``: whether the status JSON carries the task's result;
+    ``include_error_message``: whether it carries error messages (they may carry secrets).
     """
 
     def __init__(
@@ -65,25 +67,43 @@ class BackgroundMiddleware:
         status_prefix: str | None = DEFAULT_PREFIX,
         authorize: WSGIAuthorize | None = None,
         include_result: bool = True,
+        include_error_message: bool = True,
     ) -> None:
         self.app = app
         self.runtime = runtime if runtime is not None else Runtime()
         self.routes = (
             None
             if status_prefix is None
-            else _http.StatusRoutes(
-                prefix=status_prefix, authorize=authorize, include_result=include_result
+            else _http.Router(
+                prefix=status_prefix,
+                authorize=authorize,
+                include_result=include_result,
+                include_error_message=include_error_message,
             )
         )
-        self._host = host_for(self.runtime)
+        host = self._host = host_for(self.runtime)
+        rt = self.runtime
+        if rt._state == "new" and rt.autostart is None:
+            # Started by the first work scheduled on it, not by a request: an app
+            # whose routes do not use bgtasks gets no thread.
+            rt.autostart = host.autostart
+        if runtime is None:
+            # A dropped app (a test's app factory) lets its runtime and thread go.
+            weakref.finalize(self, host.release).atexit = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        rt = self._host.ensure_started()
+        rt = self.runtime
+        if rt._state != "new":
+            # Started here or, before a fork, in the parent: ensure_started gives
+            # this process its own thread, or the error that says why it cannot.
+            rt = self._host.ensure_started()
         routes = self.routes
         if routes is not None:
-            task_id = routes.match(environ.get("PATH_INFO", ""))
-            if task_id is not None:
-                return self._status(rt, routes, task_id, environ, start_response)
+            path = environ.get("PATH_INFO", "")
+            if routes.owns(path):
+                if rt._state == "new":
+                    rt = self._host.ensure_started()
+                return self._serve_route(rt, routes, path, environ, start_response)
             environ[_PREFIX_KEY] = routes.prefix
         started = False
 
@@ -92,8 +112,9 @@ class BackgroundMiddleware:
             started = True
             return start_response(status, headers, exc_info)
 
+        responder = self._responder(environ)
         rt_token = _context.active_runtime.set(rt)
-        responder_token = _context.responder.set(self._responder(environ))
+        responder_token = _context.responder.set(responder)
         try:
             body = self.app(environ, start)
             if type(body) is list or type(body) is tuple:  # nothing runs while it is sent
@@ -101,9 +122,9 @@ class BackgroundMiddleware:
             file_wrapper = environ.get("wsgi.file_wrapper")
             if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
                 return body  # the server may sendfile() it: leave it as it is
-            # A streamed body runs app code after this call returns: keep the
-            # request's context (the active runtime) for it.
-            return _ContextBody(body, contextvars.copy_context())
+            # A streamed body runs app code after this call returns: the request's
+            # runtime is active for it too.
+            return _ActiveBody(body, rt, responder)
         except RegistryFull as exc:
             # Once the app has called start_response, only exc_info may replace it.
             return _send(_http.overloaded(exc), start_response, sys.exc_info() if started else None)
@@ -115,24 +136,23 @@ class BackgroundMiddleware:
         """The request's responder; plain WSGI has none (no endpoint to answer for)."""
         return None
 
-    def _status(
+    def _serve_route(
         self,
         rt: Runtime,
-        routes: _http.StatusRoutes,
-        task_id: str,
+        routes: _http.Router,
+        path: str,
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        found = routes.lookup(rt, method, task_id)
-        if isinstance(found, _http.Reply):
-            reply = found
-        else:
-            allowed = True
-            if routes.authorize is not None:
-                allowed = call_authorize(routes.authorize, environ, found, routes.action(method))
-            reply = routes.act(rt, method, found, allowed)
-        body = _send(reply, start_response)
+        found = routes.dispatch(rt, method, path, environ.get("QUERY_STRING", ""))
+        authorize = routes.authorize
+
+        def decide(ask: _http.Ask) -> bool:
+            assert authorize is not None
+            return call_authorize(authorize, environ, ask.record, ask.action)
+
+        body = _send(_http.run_sync(found, decide), start_response)
         return [] if method == "HEAD" else body
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -143,33 +163,52 @@ class BackgroundMiddleware:
         return self._host.stop(timeout)
 
 
-class _ContextBody:
-    """A response body iterated, and closed, in the context of its request.
+class _ActiveBody:
+    """A streamed response body, with the request's runtime active while it runs.
 
     So ``bgtasks.wait_until`` in a streamed response's generator finds the
-    request's runtime, as it would in the view.
+    request's runtime, as it would in the view. The body runs in the server's
+    own context, exactly as without bgtasks (``flask.stream_with_context``
+    pushes and pops Flask's context across calls): only the two bgtasks
+    variables are set around each step, and reset after it.
     """
 
-    __slots__ = ("_body", "_ctx", "_it")
+    __slots__ = ("_body", "_it", "_responder", "_rt")
 
-    def __init__(self, body: Iterable[bytes], ctx: contextvars.Context) -> None:
+    def __init__(
+        self, body: Iterable[bytes], rt: Runtime, responder: _context.Responder | None
+    ) -> None:
         self._body = body
-        self._ctx = ctx
+        self._rt = rt
+        self._responder = responder
         self._it: Iterator[bytes] | None = None
 
-    def __iter__(self) -> _ContextBody:
+    def __iter__(self) -> _ActiveBody:
         return self
 
     def __next__(self) -> bytes:
-        it = self._it
-        if it is None:
-            it = self._it = self._ctx.run(iter, self._body)
-        return self._ctx.run(next, it)
+        rt_token = _context.active_runtime.set(self._rt)
+        responder_token = _context.responder.set(self._responder)
+        try:
+            it = self._it
+            if it is None:
+                it = self._it = iter(self._body)
+            return next(it)
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
-        if close is not None:
-            self._ctx.run(close)
+        if close is None:
+            return
+        rt_token = _context.active_runtime.set(self._rt)
+        responder_token = _context.responder.set(self._responder)
+        try:
+            close()
+        finally:
+            _context.responder.reset(responder_token)
+            _context.active_runtime.reset(rt_token)
 
 
 def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _http.Action) -> bool:

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 import bgtasks
+from bgtasks import step
 from bgtasks.asgi import BackgroundMiddleware
 
 GATE = Path(os.environ.get("BGTASKS_GATE", "/nonexistent/bgtasks-gate"))
@@ -69,6 +70,54 @@ async def not_durable(n: int) -> int:
     return n
 
 
+# ---------------------------------------------------------------------- steps
+def note(line: str) -> None:
+    """Append a line to the file named by BGTASKS_STEPS_LOG (read at each call)."""
+    with open(os.environ.get("BGTASKS_STEPS_LOG", os.devnull), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+async def first_step(n: int) -> int:
+    note(f"first {n}")
+    return n + 1
+
+
+async def second_step(x: int) -> int:
+    note(f"second {x}")
+    while not gate_open():
+        await asyncio.sleep(0.02)
+    return x * 10
+
+
+_fail_once: set[int] = set()
+
+
+async def fails_once(x: int) -> int:
+    if x not in _fail_once:
+        _fail_once.add(x)
+        raise ConnectionError("the first call fails")
+    return x
+
+
+@bgtasks.background(durable=True, retries=1)
+async def stepped_retry(n: int) -> int:
+    a = await step.run("first", first_step, n)
+    return await step.run("flaky", fails_once, a)
+
+
+@bgtasks.background(durable=True)
+async def unstorable() -> None:
+    await step.run("returns an object", object)
+
+
+@bgtasks.background(durable=True)
+async def napper(n: int, seconds: float) -> int:
+    a = await step.run("before", first_step, n)
+    await step.sleep("nap", seconds)
+    note(f"after {n}")
+    return a
+
+
 # ---------------------------------------------------------------------- the app
 runtime = bgtasks.Runtime(
     store=os.environ.get("BGTASKS_STORE", "memory"),
@@ -99,3 +148,11 @@ async def order(order: Order) -> dict[str, Any]:
     while not gate_open():
         await asyncio.sleep(0.02)
     return {"sku": order.sku, "qty": order.qty, "pid": os.getpid()}
+
+
+@app.post("/steps")
+@bgtasks.background(durable=True, name="durable_apps.stepped")
+async def stepped(n: int) -> int:
+    """Two steps; the second waits for the gate file (kill -9 lands there)."""
+    a = await step.run("first", first_step, n)
+    return await step.run("second", second_step, a)

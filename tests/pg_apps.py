@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bgtasks import Limits, Runtime, background
+from bgtasks import Limits, Runtime, background, step
 from bgtasks.stores.postgres import PostgresStore
 
 
@@ -51,6 +51,34 @@ async def _hold(mark: str, hang_runs: int) -> int:
     if runs <= hang_runs:
         await asyncio.Event().wait()
     return runs
+
+
+def _note(mark: str, what: str) -> int:
+    """Append ``what <pid>`` to the marks file; return how many ``what`` lines it has."""
+    path = Path(os.environ["BGTASKS_TEST_MARKS"]) / mark
+    with path.open("a") as f:
+        f.write(f"{what} {os.getpid()}\n")
+    return sum(1 for line in path.read_text().splitlines() if line.split()[0] == what)
+
+
+async def _work_hangs_first(mark: str) -> int:
+    runs = _note(mark, "work")
+    if runs == 1:
+        await asyncio.Event().wait()
+    return runs
+
+
+@background(durable=True)
+async def stepped(mark: str) -> int:
+    """Two steps; the first run of the second never ends."""
+    await step.run("prepare", _note, mark, "prepare")
+    return await step.run("work", _work_hangs_first, mark)
+
+
+@background(durable=True)
+async def nap(seconds: float) -> str:
+    await step.sleep("nap", seconds)
+    return "woke"
 
 
 @background(durable=True, limits=Limits(wall_clock=0.3))

@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket
 import bgtasks
 from bgtasks import RegistryFull
 from bgtasks._ids import new_id
+from bgtasks._loopthread import host_for
 from bgtasks.asgi import BackgroundMiddleware, accepted_response, document_background_routes
 from bgtasks.stores import MemoryStore
 
@@ -737,7 +738,7 @@ def test_an_app_without_lifespan_support_still_gets_a_drained_runtime() -> None:
 
 
 @pytest.mark.anyio
-async def test_without_lifespan_the_first_request_starts_the_runtime_and_warns_once(
+async def test_without_lifespan_the_first_task_starts_the_runtime_on_its_own_thread(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     rt = bgtasks.Runtime(shutdown_grace=1.0)
@@ -748,22 +749,31 @@ async def test_without_lifespan_the_first_request_starts_the_runtime_and_warns_o
     async def job(n: int) -> int:
         return n
 
+    @app.get("/plain")
+    async def plain() -> str:
+        return "plain"
+
     transport = httpx.ASGITransport(app=app)  # no lifespan, like uvicorn --lifespan off
     try:
-        with caplog.at_level(logging.WARNING, logger="bgtasks"):
+        with caplog.at_level(logging.DEBUG, logger="bgtasks"):
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/plain")).text == '"plain"'
+                assert not rt.started  # a route that does not use bgtasks starts nothing
+                assert caplog.records == []  # ... and logs nothing
                 ids = [(await client.post(f"/job?n={n}")).json()["id"] for n in range(3)]
                 records = [await h.wait(WAIT) for h in map(rt.handle, ids) if h is not None]
                 assert [r.result for r in records] == [0, 1, 2]
-        warnings_logged = [r for r in caplog.records if "lifespan" in r.getMessage()]
-        assert len(warnings_logged) == 1
-        assert "shutdown cannot drain" in warnings_logged[0].getMessage()
+                assert rt._loop is not asyncio.get_running_loop()  # its own thread
+        # On the main thread, as under a real server with --lifespan off: said once.
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and "no ASGI lifespan" in warned[0].getMessage()
     finally:
-        await rt.shutdown()
+        assert host_for(rt).stop(WAIT)
+    assert not rt.started
 
 
-def test_testclient_without_with_gives_a_clear_error() -> None:
-    app, _ = make_app()
+def test_testclient_without_with_serves_every_request() -> None:
+    app, rt = make_app()
 
     @app.post("/job")
     @bgtasks.background
@@ -771,9 +781,12 @@ def test_testclient_without_with_gives_a_clear_error() -> None:
         return 1
 
     client = TestClient(app)  # every request on a new event loop
-    assert client.post("/job").status_code == 202
-    with pytest.raises(RuntimeError, match="with TestClient"):
-        client.post("/job")
+    try:
+        ids = [client.post("/job").json()["id"] for _ in range(3)]
+        assert [finished(rt, i).result for i in ids] == [1, 1, 1]
+        assert client.get(f"{PREFIX}/{ids[0]}").json()["status"] == "succeeded"
+    finally:
+        assert host_for(rt).stop(WAIT)
 
 
 # ---------------------------------------------------------------------- Starlette, websockets
@@ -913,6 +926,8 @@ def test_the_fastapi_example_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         assert stopped.error is not None and stopped.error.type == "CPULimitExceeded"
         schema = client.get("/openapi.json").json()
         assert "202" in schema["paths"]["/reports"]["post"]["responses"]
+        metrics = client.get("/metrics").text
+        assert 'bgtasks_tasks_finished_total{name="build_report",status="succeeded"}' in metrics
 
 
 def test_importing_the_adapter_imports_no_framework() -> None:

@@ -148,11 +148,17 @@ def test_sigterm_drains_within_grace_and_cancels_what_outlasts_it(tmp_path: Path
     assert grace - 0.5 < took < grace + 4, (took, output)
 
 
-def test_hypercorn_key_flow_and_drain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker", ["asyncio", "trio"])
+def test_hypercorn_key_flow_and_drain(tmp_path: Path, worker: str) -> None:
+    """Under trio workers the runtime runs on its own asyncio loop thread, which the
+    lifespan starts and drains."""
     pytest.importorskip("hypercorn")
+    pytest.importorskip(worker)
     evidence = tmp_path / "evidence.txt"
     port = free_port()
-    argv = python_argv("-m", "hypercorn", "asgi_apps:app", "--bind", f"127.0.0.1:{port}")
+    argv = python_argv(
+        "-m", "hypercorn", "asgi_apps:app", "--bind", f"127.0.0.1:{port}", "-k", worker
+    )
     env = {"BGTASKS_EVIDENCE": str(evidence), "BGTASKS_GRACE": "5"}
     with Server(argv, port=port, env=env) as srv:
         with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
@@ -174,12 +180,12 @@ def test_hypercorn_key_flow_and_drain(tmp_path: Path) -> None:
     assert took < 3.0, (took, output)
 
 
-def test_uvicorn_lifespan_off_warns_once_and_still_serves(tmp_path: Path) -> None:
+def test_uvicorn_lifespan_off_starts_on_first_use_and_drains_at_exit(tmp_path: Path) -> None:
     evidence = tmp_path / "evidence.txt"
     with uvicorn(free_port(), evidence, "--lifespan", "off") as srv:
-        # The readiness probe was the first request: it started the runtime.
         with httpx.Client(base_url=srv.url, timeout=WAIT) as client:
-            assert client.get("/_ready").json() == {"ready": True}
+            # A route that does not use bgtasks starts nothing.
+            assert client.get("/_ready").json() == {"ready": False}
             locations = []
             for i in range(3):
                 r = client.post("/sleep", params={"seconds": 0.05, "tag": f"off{i}"})
@@ -188,9 +194,15 @@ def test_uvicorn_lifespan_off_warns_once_and_still_serves(tmp_path: Path) -> Non
             for i, location in enumerate(locations):
                 record = follow_until_finished(client, location)
                 assert (record["status"], record["result"]) == ("succeeded", f"off{i}")
-        srv.signal(signal.SIGTERM)
+            assert client.get("/_ready").json() == {"ready": True}
+            # Still running when the server is told to stop: the exit drains it.
+            assert client.post("/sleep", params={"seconds": 0.5, "tag": "last"}).status_code == 202
+            wait_for(lambda: has(evidence, "start last"), WAIT, "the last task to start")
+        srv.signal(signal.SIGINT)  # Ctrl-C (uvicorn re-raises SIGTERM: that cannot drain)
         code = srv.wait(WAIT)
         output = srv.output()
-    assert code in (0, -signal.SIGTERM), output
-    assert output.count("shutdown cannot drain") == 1, output
+    assert code in (0, 1, -signal.SIGINT), output
+    assert has(evidence, "done last", "beforeunload shutdown"), (lines(evidence), output)
+    assert "Traceback" not in output, output
+    assert output.count("no ASGI lifespan started the runtime") == 1, output
     assert "Waiting for application startup" not in output, output  # lifespan was off

@@ -33,11 +33,11 @@ def env(db: Path, gate: Path) -> dict[str, str]:
     }
 
 
-def uvicorn(db: Path, gate: Path) -> Server:
+def uvicorn(db: Path, gate: Path, **extra: str) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", "durable_apps:app", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--log-level", "warning"]
-    return Server(argv, port=port, env=env(db, gate))
+    return Server(argv, port=port, env={**env(db, gate), **extra})
 
 
 def gunicorn(db: Path, gate: Path, workers: int = 2) -> Server:
@@ -104,6 +104,33 @@ def test_uvicorn_kill_9_then_restart_runs_every_accepted_task(tmp_path: Path) ->
     assert placed["result"] == {"sku": "s-7", "qty": 7, "pid": pid}
     assert {r["result"]["pid"] for r in records} == {pid}
     assert all(r["attempts"] in (1, 2) for r in [*records, placed])
+
+
+def test_kill_9_during_the_second_step_skips_the_first_after_restart(tmp_path: Path) -> None:
+    db, gate, log = tmp_path / "tasks.db", tmp_path / "gate", tmp_path / "steps.log"
+
+    def noted() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    with uvicorn(db, gate, BGTASKS_STEPS_LOG=str(log)) as srv:
+        r = httpx.post(f"{srv.url}/steps", params={"n": 4}, timeout=10)
+        assert r.status_code == 202, r.text
+        task_id = r.json()["id"]
+        wait_for(lambda: "second 5" in noted(), 10, "the second step to start")
+        running = record(srv, task_id)
+        assert [s["status"] for s in running["steps"]] == ["succeeded", "running"]
+        srv.kill()  # SIGKILL while the second step runs
+
+    gate.touch()
+    with uvicorn(db, gate, BGTASKS_STEPS_LOG=str(log)) as srv:
+        (done,) = all_succeed(srv, [task_id], 10)
+    assert done["result"] == 50
+    assert noted().count("first 4") == 1  # the kept first step was not run again
+    assert noted().count("second 5") == 2  # at-least-once per step
+    assert [(s["name"], s["status"]) for s in done["steps"]] == [
+        ("first", "succeeded"),
+        ("second", "succeeded"),
+    ]
 
 
 def test_two_processes_share_status_and_idempotency_keys(tmp_path: Path) -> None:

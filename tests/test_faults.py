@@ -190,3 +190,70 @@ def test_system_exit_in_an_async_flask_task_leaves_the_loop_thread_serving() -> 
         assert handle is not None and handle.wait_sync(5).result == "ok"
     finally:
         assert state.middleware.stop(10)
+
+
+def test_error_messages_can_be_hidden_from_the_status_route() -> None:
+    import warnings
+
+    from fastapi import FastAPI
+
+    with warnings.catch_warnings():
+        # Starlette asks for httpx2 and works with httpx; the warning is not ours.
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    import bgtasks
+    from bgtasks.asgi import BackgroundMiddleware
+
+    secret = "postgresql://app:hunter2@db/prod"
+
+    async def leaky() -> None:
+        await step.run("connect", _raise_with, secret)
+
+    for hide in (False, True):
+        app = FastAPI()
+        rt = Runtime()
+        app.add_middleware(BackgroundMiddleware, runtime=rt, include_error_message=not hide)
+
+        @app.post("/go")
+        async def go() -> dict[str, str]:
+            return {"id": bgtasks.wait_until(leaky()).id}
+
+        with TestClient(app) as client:
+            task_id = client.post("/go").json()["id"]
+            handle = rt.handle(task_id)
+            assert handle is not None and handle.wait_sync(5).status == "failed"
+            body = client.get(f"/_bgtasks/tasks/{task_id}").json()
+        assert body["error"]["type"] == "ConnectionError"
+        assert body["steps"][0]["error"]["type"] == "ConnectionError"
+        assert (secret in str(body)) is not hide
+        if hide:
+            assert body["error"]["message"] == "(hidden: include_error_message=False)"
+
+
+def _raise_with(message: str) -> None:
+    raise ConnectionError(message)
+
+
+def test_a_store_that_cannot_answer_gives_503_not_500() -> None:
+    from flask import Flask
+
+    import bgtasks
+    from bgtasks.flask import BgTasks
+
+    app = Flask("store-down")
+    BgTasks(app)
+    state = app.extensions["bgtasks"]
+    rt = state.runtime
+
+    def broken(task_id: str) -> None:
+        raise bgtasks.StoreError("the task store '/srv/secret/tasks.db' was removed")
+
+    rt.store.load = broken  # type: ignore[method-assign]
+    try:
+        r = app.test_client().get("/_bgtasks/tasks/" + "A" * 24)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "/srv/secret" not in r.get_data(as_text=True)
+    finally:
+        assert state.middleware.stop(10)

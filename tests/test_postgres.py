@@ -186,6 +186,22 @@ async def test_a_task_that_is_not_durable_is_read_and_cancelled_from_another_hos
 
 
 @pytest.mark.anyio
+async def test_a_parked_task_wakes_on_a_consuming_host(pg_url: str) -> None:
+    async with web(pg_url) as front, consumer(pg_url):
+        handle = await pg_apps.nap.submit_async(1.0)
+
+        def parked() -> bool:
+            record = front.get(handle.id)
+            return record is not None and record.wake_at is not None
+
+        await asyncio.to_thread(wait_for, parked, 10, "the task to park")
+        assert status_of(pg_url, handle.id) == "pending"
+        record = await handle.wait(15)
+        assert record.status == "succeeded" and record.result == "woke", record
+        assert [(s.name, s.status) for s in record.steps] == [("nap", "succeeded")]
+
+
+@pytest.mark.anyio
 async def test_kept_steps_are_shared_and_expire_with_their_task(pg_url: str) -> None:
     async with web(pg_url) as one, web(pg_url) as two:
         handle = await pg_apps.add.submit_async(1, 2)
@@ -355,9 +371,9 @@ async def test_worker_sigterm_puts_its_unfinished_durable_task_back(
     second: Worker | None = None
     try:
         async with web(pg_url):
-            handle = await pg_apps.hold.submit_async("t", 1)  # the first run never ends
+            handle = await pg_apps.stepped.submit_async("t")  # its first run never ends
             await asyncio.to_thread(
-                wait_for, lambda: len(runs(tmp_path, "t")) == 1, 20, "the first worker's run"
+                wait_for, lambda: len(runs(tmp_path, "t")) == 2, 20, "the first worker's run"
             )
             first.proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(first.proc.wait, 15)
@@ -369,9 +385,12 @@ async def test_worker_sigterm_puts_its_unfinished_durable_task_back(
             second = Worker(pg_url, tmp_path)
             record = await handle.wait(20)
             assert record.status == "succeeded", second.output()
-            assert record.result == 2
-            assert record.attempts == 2
-            assert len(set(runs(tmp_path, "t"))) == 2  # two processes ran it
+            assert record.result == 2 and record.attempts == 2
+            # The kept step was not run again; the unfinished one was, elsewhere.
+            lines = [line.split() for line in runs(tmp_path, "t")]
+            assert [what for what, _ in lines] == ["prepare", "work", "work"]
+            assert lines[1][1] != lines[2][1]
+            assert [s.name for s in record.steps] == ["prepare", "work"]
     finally:
         first.close()
         if second is not None:

@@ -78,11 +78,24 @@ def finished(mw: BackgroundMiddleware, task_id: str) -> bgtasks.TaskRecord:
     return handle.wait_sync(5)
 
 
-def test_runtime_starts_on_the_first_request(make: Make) -> None:
-    mw = make(lambda environ, sr: text("200 OK", "hi", sr))
+def test_runtime_starts_with_the_first_task_not_the_first_request(make: Make) -> None:
+    schedule = scheduling_app(lambda: "done")
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/plain":
+            return text("200 OK", "plain", start_response)
+        return schedule(environ, start_response)
+
+    mw = make(app)
+    before = {t for t in threading.enumerate() if t.name == "bgtasks-loop"}
     assert not mw.runtime.started
-    assert Client(mw).get("/").status_code == 200
+    assert Client(mw).get("/plain").status_code == 200  # no bgtasks here: nothing starts
+    assert not mw.runtime.started
+    assert {t for t in threading.enumerate() if t.name == "bgtasks-loop"} == before
+    r = Client(mw).post("/work")
+    assert r.status_code == 202
     assert mw.runtime.started
+    assert finished(mw, r.get_json()["id"]).result == "done"
     threads = [t for t in threading.enumerate() if t.name == "bgtasks-loop"]
     assert any(t.daemon for t in threads)
 
@@ -341,14 +354,14 @@ def test_middlewares_sharing_a_runtime_share_its_loop_thread(
 def test_a_fork_after_start_is_refused_with_the_fix(
     make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mw = make(lambda environ, sr: text("200 OK", "hi", sr))
-    assert Client(mw).get("/").status_code == 200
+    mw = make(scheduling_app(lambda: None))
+    assert Client(mw).post("/work").status_code == 202  # started in this process
     real_pid = _loopthread.os.getpid()
     monkeypatch.setattr(_loopthread.os, "getpid", lambda: real_pid + 100_000)
     with pytest.raises(RuntimeError, match=r"started in process \d+ before process \d+ was forked"):
         Client(mw).get("/")
     monkeypatch.undo()
-    assert Client(mw).get("/").status_code == 200
+    assert Client(mw).get("/").status_code == 202
 
 
 def test_a_runtime_that_cannot_start_fails_the_request_clearly(

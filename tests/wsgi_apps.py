@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, g, request, stream_with_context
 
 import bgtasks
 from bgtasks.flask import BgTasks
@@ -93,3 +93,35 @@ def run_and_wait() -> dict[str, Any]:
 
     record = bgtasks.wait_until(which_pid).wait_sync(5.0)
     return {"pid": os.getpid(), "task_pid": record.result, "status": record.status}
+
+
+# Streamed responses: bgtasks must leave them exactly as Flask sends them.
+@app.get("/stream")
+def stream() -> Any:
+    def body() -> Any:
+        for _ in range(50):
+            yield from "0123456789"
+
+    return app.response_class(body())
+
+
+@app.get("/stream-with-context")
+def stream_with_ctx() -> Any:
+    g.times = 200
+
+    def body() -> Any:
+        for _ in range(g.times):
+            yield request.args["x"]
+
+    return app.response_class(stream_with_context(body()))
+
+
+@app.get("/async-stream-with-context")
+async def async_stream_with_ctx() -> Any:
+    g.times = 200
+
+    def body() -> Any:
+        for _ in range(g.times):
+            yield request.args["x"]
+
+    return app.response_class(stream_with_context(body()))

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._errors import RegistryFull, StoreError
 from .._limits import Limits
 from .._spec import Spec, is_async_callable
+from .._state import ctl_of
+from .._steps import restore
 from .._task import Progress
 from .codec import codec_of, resolve
 
@@ -44,6 +49,35 @@ class Replay:
         self.rt = rt
         self.store = store
         self._tasks: list[asyncio.Task[None]] = []
+        # Wake-up times of tasks parked here (a heap of Unix times): one loop
+        # timer, for the earliest, makes the claim loop look then, not a poll later.
+        self._wakes: list[float] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._nudge = asyncio.Event()
+
+    def nudge_at(self, when: float) -> None:
+        """Look for claimable work at ``when`` (a task parked until then)."""
+        heapq.heappush(self._wakes, when)
+        self._arm()
+
+    def _arm(self) -> None:
+        now = time.time()
+        while self._wakes and self._wakes[0] <= now:
+            heapq.heappop(self._wakes)
+            self._nudge.set()
+        if not self._wakes or self._wakes[0] >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = self._wakes[0]
+        loop = asyncio.get_running_loop()
+        # A little after: the store compares wake_at with its own clock reading.
+        self._timer = loop.call_later(self._timer_at - now + 0.01, self._ring)
+
+    def _ring(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._arm()
 
     async def start(self) -> None:
         """Run what is claimable now, then keep looking. Raises (having started
@@ -57,6 +91,8 @@ class Replay:
     async def stop(self) -> None:
         """Stop looking (the runtime is shutting down)."""
         tasks, self._tasks = self._tasks, []
+        if self._timer is not None:
+            self._timer.cancel()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -65,7 +101,9 @@ class Replay:
 
     async def _claim_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.store.poll)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._nudge.wait(), self.store.poll)
+            self._nudge.clear()
             try:
                 more = True
                 while more:  # a full batch: there may be more waiting
@@ -102,7 +140,13 @@ async def replay_once(rt: Runtime, store: Store) -> int:
     claimed = await asyncio.wrap_future(store.claim(limit))
     refused: list[str] = []
     for task in claimed:
-        if not _adopt(rt, task):
+        kept: dict[str, str] = {}
+        if task.entry.durable:
+            try:
+                kept = await asyncio.wrap_future(store.kept_steps(task.entry.id))
+            except StoreError:  # it runs, and its steps run again (at-least-once)
+                logger.exception("bgtasks: could not read the kept steps of %s", task.entry.id)
+        if not _adopt(rt, task, kept):
             refused.append(task.entry.id)
     if refused:  # full after all: back in the queue for whoever has room
         store.release(refused)
@@ -126,7 +170,7 @@ async def release(store: Store, ids: Sequence[str]) -> None:
         )
 
 
-def _adopt(rt: Runtime, claimed: ClaimedTask) -> bool:
+def _adopt(rt: Runtime, claimed: ClaimedTask, kept: dict[str, str]) -> bool:
     entry = claimed.entry
     try:
         spec = _spec_of(rt, claimed)
@@ -142,8 +186,18 @@ def _adopt(rt: Runtime, claimed: ClaimedTask) -> bool:
         return False
     t = ticket.handle
     t._created_at = entry.created_at
+    if rt._observers:  # a new trace, linked to the submitter's (entry.context)
+        observed = rt._runner.observed(t)
+        observed.created_at = entry.created_at
+        observed.durable, observed.replayed = True, True
+        observed.origin = dict(entry.context) if entry.context else None
     t._attempts = claimed.attempts
     t._progress = _progress(claimed.progress)
+    if entry.durable:
+        restore(t, kept, claimed.steps)
+    waiters = rt._parked_waiters.pop(entry.id, None)
+    if waiters:  # it parked here, and whoever waited on it still does
+        ctl_of(t).callbacks.extend(waiters)
     ticket.launch()
     return True
 

@@ -21,6 +21,7 @@ from .._errors import RegistryFull, StoreError
 from .._handle import TaskHandle
 from .._limits import Limits
 from .._spec import Spec
+from .._state import ctl_of
 from .._task import TaskRecord, TaskStatus
 from ..stores.base import JournalEntry
 from .codec import codec_of, target_of
@@ -104,6 +105,7 @@ def submit_durable(
             raise
         if not fut.done():
             begun.settle_later()
+            rt._refuse(opts.name, "store")
             msg = (
                 f"the task store did not confirm the journal write within {timeout:g}s; "
                 "the call was not accepted (it may still run once the store answers). "
@@ -146,8 +148,15 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
                 "journal durable tasks.",
                 opts.name,
             )
+    origin = rt._carrier() if opts.durable and rt._observers else None
     ticket = rt.reserve(opts.name, spec)
     t = ticket.handle
+    if opts.durable and store.durable:
+        ctl_of(t).durable = True  # its kept steps live in the store
+    if rt._observers:
+        observed = rt._runner.observed(t)
+        observed.durable = opts.durable
+        observed.origin = origin  # so that a replay can link to the submitter's trace
     entry = JournalEntry(
         id=t._id,
         name=opts.name,
@@ -159,6 +168,7 @@ def _begin(rt: Runtime, opts: _Options[Any, Any], spec: Spec, key: str | None) -
         isolation=opts.isolation,
         idempotency_key=key,
         wake_at=spec.wake_at,
+        context=origin,
     )
     try:
         fut = store.journal(entry)
@@ -217,6 +227,7 @@ def _refused(begun: _Pending, exc: BaseException) -> BaseException:
     begun.store.forget(begun.task._id)
     begun.ticket.retract()
     if isinstance(exc, StoreError):
+        begun.rt._refuse(begun.entry.name, "store")
         # The detail (a path, a database URL) goes to the log, never to a client.
         logger.error("bgtasks: task %r could not be journaled: %s", begun.entry.name, exc)
         msg = "the call was not accepted: it could not be journaled (see the log). Retry later."

@@ -12,6 +12,7 @@ Routes (interactive docs at http://127.0.0.1:8000/docs):
 - ``POST /orders``   an ordinary endpoint: answers 201 at once and writes its
   audit-log entry with ``wait_until`` after the response.
 - ``GET /_bgtasks/tasks/{id}``  reads a task (``DELETE`` cancels it).
+- ``GET /metrics``   Prometheus metrics of the tasks (with ``bgtasks[prometheus]``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import random  # noqa: E402
 import time  # noqa: E402
 from typing import Annotated  # noqa: E402
 
-from fastapi import Depends, FastAPI, Header  # noqa: E402
+from fastapi import Depends, FastAPI, Header, Response  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 import bgtasks  # noqa: E402
@@ -47,6 +48,28 @@ runtime = bgtasks.Runtime(
 )
 app = FastAPI(title="bgtasks example")
 app.add_middleware(BackgroundMiddleware, runtime=runtime)
+
+
+# ---------------------------------------------------------------------- metrics
+try:
+    import prometheus_client
+    from prometheus_client import multiprocess
+
+    import bgtasks.prometheus
+except ImportError:  # pip install 'bgtasks[prometheus]' for /metrics
+    log.info("example: prometheus-client is not installed; no /metrics")
+else:
+    bgtasks.prometheus.instrument(runtime)  # before the runtime starts
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics; every worker's with PROMETHEUS_MULTIPROC_DIR set."""
+        registry = prometheus_client.REGISTRY
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # see docs/observability.md
+            registry = prometheus_client.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        data = prometheus_client.generate_latest(registry)
+        return Response(data, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 @runtime.on("beforeunload")

@@ -55,6 +55,9 @@ class JobsMixin:
     def _side(self) -> None:
         raise NotImplementedError
 
+    async def _flush_all(self) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ the worker
     async def _consume(self) -> None:
         """procrastinate's worker, until close; restarted if the database went
@@ -256,6 +259,7 @@ class JobsMixin:
         return self._io.submit(self._park(task_id, wake_at))
 
     async def _park(self, task_id: str, wake_at: float) -> None:
+        await self._flush_all()  # the record as the task left it (its steps), then drop
         self._dropped.add(task_id)
         self._owned.discard(task_id)
         async with self._pool.connection() as conn:
