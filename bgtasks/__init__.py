@@ -31,6 +31,7 @@ from ._task import Progress as Progress
 from ._task import StepRecord as StepRecord
 from ._task import TaskRecord as TaskRecord
 from ._task import TaskStatus as TaskStatus
+from ._watch import WatchConfig as WatchConfig
 
 __all__ = [
     "BackgroundFunction",
@@ -56,6 +57,7 @@ __all__ = [
     "UnhandledRejectionEvent",
     "UnloadReason",
     "WallClockLimitExceeded",
+    "WatchConfig",
     "WorkerCrashed",
     "background",
     "current_task",

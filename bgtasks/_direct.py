@@ -49,6 +49,8 @@ def _direct(rt: Runtime, t: TaskHandle, spec: Spec, slot: Slot, ctx: contextvars
         if run:
             t._begin_attempt()
             slot.arm()
+    if run and rt._hub.active:
+        rt._hub.notify(t._id)
     if not run:  # cancelled before it started
         if _claim(rt, t):
             runner.finish(t, "cancelled")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, Literal
 
 import pydantic
@@ -70,6 +70,9 @@ class Reply:
 _REASONS = {
     200: "OK",
     202: "Accepted",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -207,6 +210,8 @@ class Call:
     method: str
     params: dict[str, str]
     query: str = ""
+    #: Request headers, lower-case names (given to routes that need them).
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 Step = Generator[Ask, bool, Reply]
@@ -281,7 +286,14 @@ class Router:
         # On every request: one C call in the common case.
         return path.startswith(self._under) or path in self._exact
 
-    def dispatch(self, runtime: Any, method: str, path: str, query: str = "") -> Step | Reply:
+    def dispatch(
+        self,
+        runtime: Any,
+        method: str,
+        path: str,
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Step | Reply:
         """The handler's steps for a request to a path ``owns`` accepted, or a final reply."""
         allowed: set[str] = set()
         for route in self.routes:
@@ -293,7 +305,9 @@ class Router:
             if method not in route.methods:
                 allowed |= route.methods
                 continue
-            return route.handler(Call(self, runtime, method, m.groupdict(), query))
+            return route.handler(
+                Call(self, runtime, method, m.groupdict(), query, headers or {})
+            )
         if allowed:
             allow = ", ".join(sorted(allowed, key=_METHOD_ORDER.index))
             return Reply(405, [("allow", allow), ("content-length", "0")], b"")

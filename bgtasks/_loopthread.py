@@ -349,6 +349,10 @@ class GunicornWorker:
             return min(self.graceful_timeout, self.timeout)
         return self.graceful_timeout
 
+    def stopping(self) -> bool:
+        """True once gunicorn has told this worker to stop (its ``alive`` flag is down)."""
+        return not getattr(self._worker, "alive", True)
+
     def close(self) -> None:
         """Let go of the heartbeat file (once the drain is over)."""
         fd, self._fd = self._fd, None

@@ -44,6 +44,10 @@ class Registry:
     def __iter__(self) -> Iterator[str]:
         return iter(tuple(self._tasks))
 
+    def __reversed__(self) -> Iterator[str]:
+        """Newest first; raises RuntimeError if another thread changes it meanwhile."""
+        return reversed(self._tasks)
+
     def get(self, task_id: str) -> TaskHandle | None:
         return self._tasks.get(task_id)
 

@@ -111,6 +111,9 @@ class Runner:
         """Record a transition of ``t`` in a shared store (a snapshot, never the handle)."""
         if self.persist:
             self.rt.store.save(t._snapshot())
+        hub = self.rt._hub
+        if hub.active:  # someone watches a task (?wait=, /events, the dashboard)
+            hub.notify(t._id)
 
     # ---------------------------------------------------------------- starting
     def launch(self, t: TaskHandle) -> None:
@@ -151,6 +154,8 @@ class Runner:
                 t._status = "running"
                 t._attempts = 1
                 t._started_at = _now()
+                if self.rt._hub.active:
+                    self.rt._hub.notify(t._id)
                 result = await work
                 self.succeed(t, result)
             else:
@@ -305,6 +310,9 @@ class Runner:
         if status != "failed" and self.persist:
             self.rt.store.save(t._snapshot())
         self.registry.finished(t)
+        hub = self.rt._hub
+        if hub.active:
+            hub.notify(t._id)
         observers = self.rt._observers
         if observers:
             task = self.observed(t)

@@ -28,6 +28,7 @@ from ._runner import Runner, Ticket
 from ._spec import Isolation, Kind, Spec, await_, describe, is_async_callable, not_work_error
 from ._task import FINISHED, TaskRecord
 from ._threads import ThreadPool
+from ._watch import Hub
 
 if TYPE_CHECKING:
     from .stores import Store
@@ -112,6 +113,7 @@ class Runtime:
 
         self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENT_NAMES}
         self._observers: tuple[Observer, ...] = ()
+        self._hub = Hub()  # change notifications for push (bgtasks._watch)
         self._state: Literal["new", "started", "closing", "closed"] = "new"
         self._admission = Admission(max_pending=cfg.max_pending, memory_limit=cfg.memory_limit)
         self._registry = Registry(retention=cfg.retention, max_finished=cfg.max_finished)

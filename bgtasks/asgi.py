@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import _context, _http
+from ._dashboard import DEFAULT_DASHBOARD_PREFIX, DashboardRoutes
 from ._errors import RegistryFull, RuntimeNotActive
 from ._http import (
     DEFAULT_PREFIX,
@@ -42,6 +43,8 @@ from ._http import (
 from ._loopthread import LoopThread, host_for
 from ._runtime import Runtime
 from ._starlette import document_background_routes, prepare_app, response
+from ._watch import DEFAULT_WATCH, WatchConfig
+from ._watch_routes import Push, Watch, request_headers
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -78,6 +81,12 @@ class BackgroundMiddleware:
     ``starlette.requests.Request``, or the raw ASGI scope when Starlette is not
     installed. ``include_result=False`` leaves ``result`` out of the status JSON;
     ``include_error_message=False`` hides error messages (they may carry secrets).
+
+    ``GET <status_url>?wait=N`` and ``GET <status_url>/events`` push a task's
+    changes (``watch``: a ``bgtasks.WatchConfig`` with their bounds).
+    ``dashboard(request) -> bool`` (sync or async) turns on the dashboard and
+    its API under ``dashboard_prefix`` for the requests it answers True;
+    ``dashboard_read_only=True`` hides and refuses its Cancel.
     """
 
     def __init__(
@@ -89,6 +98,10 @@ class BackgroundMiddleware:
         authorize: Authorize | None = None,
         include_result: bool = True,
         include_error_message: bool = True,
+        dashboard: Callable[[Any], bool | Awaitable[bool]] | None = None,
+        dashboard_read_only: bool = False,
+        dashboard_prefix: str = DEFAULT_DASHBOARD_PREFIX,
+        watch: WatchConfig | None = None,
     ) -> None:
         if runtime is not None and not isinstance(runtime, Runtime):
             msg = f"runtime must be a bgtasks.Runtime, got {type(runtime).__name__}."
@@ -108,6 +121,17 @@ class BackgroundMiddleware:
             include_result=include_result,
             include_error_message=include_error_message,
         )
+        board = None
+        if dashboard is not None:
+            board = DashboardRoutes(
+                dashboard,
+                prefix=dashboard_prefix,
+                read_only=dashboard_read_only,
+                include_result=include_result,
+                live="sse",
+            )
+        self.watch = Watch(dashboard=board, config=watch or DEFAULT_WATCH)
+        self.watch.install(self.routes)
         # "lifespan": a lifespan started self.runtime on the server's asyncio loop.
         # None: no lifespan runs it; it starts on its own loop thread when first used.
         self._mode: str | None = None
@@ -215,15 +239,45 @@ class BackgroundMiddleware:
 
             await anyio.to_thread.run_sync(rt.autostart)
         query = scope.get("query_string", b"").decode("latin-1")
-        found = self.routes.dispatch(rt, method, path, query)
+        gated = self.watch.gated(path)
+        if gated and not await self._dashboard_allows(scope, receive):
+            await _send_reply(send, self.watch.refused(), head=method == "HEAD")
+            return
+        headers = request_headers(scope["headers"]) if gated else None
+        found = self.routes.dispatch(rt, method, path, query, headers)
 
         async def decide(ask: _http.Ask) -> bool | Reply:
             return await self._authorize(scope, receive, ask, method)
 
-        # Any store but the plain memory one may read a file: keep that off the loop.
-        in_thread = type(rt.store) is not MemoryStore
+        # Any store but the plain memory one may read a file, and the dashboard
+        # lists and counts: keep that off the loop.
+        in_thread = gated or type(rt.store) is not MemoryStore
         reply = await _http.run_async(found, decide, in_thread=in_thread)
+        if isinstance(reply, Push):
+            await self.watch.serve_asgi(rt, reply, receive, send, head=method == "HEAD")
+            return
         await _send_reply(send, reply, head=method == "HEAD")
+
+    async def _dashboard_allows(self, scope: Scope, receive: Receive) -> bool:
+        """Ask the app's ``dashboard`` callable (sync ones in a thread, as endpoints run)."""
+        board = self.watch.dashboard
+        assert board is not None
+        request: Any
+        try:
+            from starlette.requests import Request
+        except ImportError:
+            request = scope
+        else:
+            request = Request(scope, receive)
+        allow = board.allow
+        if _is_async(allow):
+            return bool(await allow(request))
+        import anyio.to_thread
+
+        verdict = await anyio.to_thread.run_sync(allow, request)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return bool(verdict)
 
     async def _authorize(
         self, scope: Scope, receive: Receive, ask: _http.Ask, method: str

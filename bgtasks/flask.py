@@ -56,9 +56,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(msg) from exc
 
 from . import _http
+from ._dashboard import DEFAULT_DASHBOARD_PREFIX, DashboardRoutes
 from ._errors import RegistryFull
 from ._runtime import Runtime, is_async_callable
-from .wsgi import BackgroundMiddleware, call_authorize
+from ._watch import DEFAULT_WATCH, WatchConfig
+from ._watch_routes import Push, Watch
+from .wsgi import BackgroundMiddleware, call_authorize, call_dashboard
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -115,6 +118,8 @@ class BgTasksState:
     #: only if ``serves_status``.
     routes: _http.Router
     serves_status: bool = True
+    #: Push and the dashboard (see ``bgtasks._watch_routes``).
+    watch: Watch | None = None
 
 
 class BgTasks:
@@ -133,6 +138,11 @@ class BgTasks:
     cancel (the client gets 404). ``include_result``: whether the status JSON
     carries results; ``include_error_message``: whether it carries error
     messages (they may carry secrets).
+    ``<status_url>?wait=N`` and ``<status_url>/events`` push a
+    task's changes (bounded by ``watch``, a ``bgtasks.WatchConfig``; each holds
+    a server thread while open). ``dashboard(request) -> bool``, sync, run in
+    the request's context, turns on the dashboard under ``dashboard_prefix``;
+    ``dashboard_read_only=True`` hides and refuses its Cancel.
     """
 
     def __init__(
@@ -144,7 +154,23 @@ class BgTasks:
         authorize: FlaskAuthorize | None = None,
         include_result: bool = True,
         include_error_message: bool = True,
+        dashboard: Callable[[Any], bool] | None = None,
+        dashboard_read_only: bool = False,
+        dashboard_prefix: str = DEFAULT_DASHBOARD_PREFIX,
+        watch: WatchConfig | None = None,
     ) -> None:
+        self._board = (
+            None
+            if dashboard is None
+            else DashboardRoutes(
+                dashboard,
+                prefix=dashboard_prefix,
+                read_only=dashboard_read_only,
+                include_result=include_result,
+                live="poll",
+            )
+        )
+        self._watch_config = watch or DEFAULT_WATCH
         self._runtime = runtime
         self._status_prefix = status_prefix
         self._authorize = authorize
@@ -169,9 +195,16 @@ class BgTasks:
             include_result=self._include_result,
             include_error_message=self._include_error_message,
         )
-        middleware = _FlaskMiddleware(app, runtime=runtime, routes=routes, serves=serves)
+        watch = Watch(dashboard=self._board, config=self._watch_config)
+        if not serves:  # no status rows; the dashboard's, if any
+            routes.routes.clear()
+            routes.mounts.clear()
+        watch.install(routes, status=serves)
+        middleware = _FlaskMiddleware(
+            app, runtime=runtime, routes=routes, serves=bool(routes.mounts)
+        )
         app.wsgi_app = middleware  # type: ignore[method-assign]
-        app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves)
+        app.extensions[EXTENSION_KEY] = BgTasksState(runtime, middleware, routes, serves, watch)
         if self._runtime is None:
             # The app's own runtime: when the app is dropped (an app factory in a
             # test suite), its runtime drains and its loop thread and descriptors go.
@@ -198,12 +231,21 @@ def _add_views(app: flask.Flask, routes: _http.Router) -> None:
     """Flask views for the bgtasks routes, so the app's before_request/after_request
     hooks, CORS and error handlers apply; the route table in bgtasks._http answers."""
     methods = sorted({m for r in routes.routes for m in r.methods} - {"HEAD"})
-    app.add_url_rule(
-        f"{routes.prefix}/<task_id>",
-        endpoint=STATUS_ENDPOINT,
-        view_func=_serve_route,
-        methods=methods,
-    )
+    state = app.extensions[EXTENSION_KEY]
+    if state.serves_status:
+        app.add_url_rule(
+            f"{routes.prefix}/<task_id>",
+            endpoint=STATUS_ENDPOINT,
+            view_func=_serve_route,
+            methods=methods,
+        )
+    board = state.watch.dashboard if state.watch is not None else None
+    if board is not None:
+        # The dashboard's own root (the `<path:...>` rules below need a non-empty rest).
+        for i, rule in enumerate((board.prefix, board.prefix + "/")):
+            app.add_url_rule(
+                rule, endpoint=f"{ROUTES_ENDPOINT}.dashboard{i}", view_func=_serve_route
+            )
     for i, mount in enumerate(routes.mounts):
         app.add_url_rule(
             f"{mount}/<path:_rest>",
@@ -276,7 +318,7 @@ class _FlaskMiddleware(BackgroundMiddleware):
             app = self._flask_app()
             if self._views_added or app is None:
                 return
-            if STATUS_ENDPOINT not in app.view_functions:
+            if ROUTES_ENDPOINT not in app.view_functions:
                 _add_views(app, self._flask_routes)
             self._views_added = True
 
@@ -448,11 +490,23 @@ def _serve_route(**_: Any) -> flask.Response:
     rt = state.runtime
     if rt._state == "new":  # nothing scheduled yet in this process: start it to look
         rt = state.middleware._host.ensure_started()
-    found = routes.dispatch(rt, method, request.path, query)
+    watch = state.watch
+    gated = watch is not None and watch.gated(request.path)
+    if gated:
+        assert watch is not None and watch.dashboard is not None
+        if not call_dashboard(watch.dashboard.allow, request):
+            return _response(watch.refused())
+    headers = {k.lower(): v for k, v in request.headers.items()} if gated else None
+    found = routes.dispatch(rt, method, request.path, query, headers)
     authorize = routes.authorize
 
     def decide(ask: _http.Ask) -> bool:
         assert authorize is not None
         return call_authorize(authorize, request, ask.record, ask.action)
 
-    return _response(_http.run_sync(found, decide))
+    reply = _http.run_sync(found, decide)
+    if isinstance(reply, Push):
+        assert watch is not None
+        start, body = watch.serve_wsgi(rt, reply, head=method == "HEAD")
+        return flask.Response(body, status=start.status, headers=start.headers)
+    return _response(reply)

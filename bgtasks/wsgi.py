@@ -27,9 +27,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _context, _http
+from ._dashboard import DEFAULT_DASHBOARD_PREFIX, DashboardRoutes
 from ._errors import RegistryFull
 from ._loopthread import host_for
 from ._runtime import Runtime
+from ._watch import DEFAULT_WATCH, WatchConfig
+from ._watch_routes import Push, Watch, environ_headers
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -57,6 +60,14 @@ class BackgroundMiddleware:
     by default anyone who knows a task's id may read and cancel it.
     ``include_result``: whether the status JSON carries the task's result;
     ``include_error_message``: whether it carries error messages (they may carry secrets).
+
+    ``GET <status_url>?wait=N`` and ``GET <status_url>/events`` push a task's
+    changes; each holds a server thread while open, so ``watch`` (a
+    ``bgtasks.WatchConfig``) bounds how many may be open (503 past it).
+    ``dashboard(environ) -> bool`` turns on the dashboard and its API under
+    ``dashboard_prefix`` for the requests it answers True (the page polls: no
+    thread is held per open page); ``dashboard_read_only=True`` hides and
+    refuses its Cancel.
     """
 
     def __init__(
@@ -68,19 +79,38 @@ class BackgroundMiddleware:
         authorize: WSGIAuthorize | None = None,
         include_result: bool = True,
         include_error_message: bool = True,
+        dashboard: Callable[[Any], bool] | None = None,
+        dashboard_read_only: bool = False,
+        dashboard_prefix: str = DEFAULT_DASHBOARD_PREFIX,
+        watch: WatchConfig | None = None,
     ) -> None:
         self.app = app
         self.runtime = runtime if runtime is not None else Runtime()
+        board = None
+        if dashboard is not None:
+            board = DashboardRoutes(
+                dashboard,
+                prefix=dashboard_prefix,
+                read_only=dashboard_read_only,
+                include_result=include_result,
+                live="poll",
+            )
+        self.watch = Watch(dashboard=board, config=watch or DEFAULT_WATCH)
         self.routes = (
             None
-            if status_prefix is None
+            if status_prefix is None and board is None
             else _http.Router(
-                prefix=status_prefix,
+                prefix=DEFAULT_PREFIX if status_prefix is None else status_prefix,
                 authorize=authorize,
                 include_result=include_result,
                 include_error_message=include_error_message,
             )
         )
+        if self.routes is not None:
+            if status_prefix is None:  # the dashboard's rows only
+                self.routes.routes.clear()
+                self.routes.mounts.clear()
+            self.watch.install(self.routes, status=status_prefix is not None)
         host = self._host = host_for(self.runtime)
         rt = self.runtime
         if rt._state == "new" and rt.autostart is None:
@@ -145,15 +175,33 @@ class BackgroundMiddleware:
         start_response: StartResponse,
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        found = routes.dispatch(rt, method, path, environ.get("QUERY_STRING", ""))
+        head = method == "HEAD"
+        watch = self.watch
+        gated = watch.gated(path)
+        if gated and not self._dashboard_allows(environ):
+            body = _send(watch.refused(), start_response)
+            return [] if head else body
+        headers = environ_headers(environ) if gated else None
+        found = routes.dispatch(rt, method, path, environ.get("QUERY_STRING", ""), headers)
         authorize = routes.authorize
 
         def decide(ask: _http.Ask) -> bool:
             assert authorize is not None
             return call_authorize(authorize, environ, ask.record, ask.action)
 
-        body = _send(_http.run_sync(found, decide), start_response)
-        return [] if method == "HEAD" else body
+        reply = _http.run_sync(found, decide)
+        if isinstance(reply, Push):
+            start, stream = watch.serve_wsgi(rt, reply, head=head)
+            start_response(f"{start.status} {start.reason}", list(start.headers))
+            return stream
+        body = _send(reply, start_response)
+        return [] if head else body
+
+    def _dashboard_allows(self, environ: WSGIEnvironment) -> bool:
+        """Ask the app's ``dashboard`` callable about this request (its environ)."""
+        board = self.watch.dashboard
+        assert board is not None
+        return call_dashboard(board.allow, environ)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop this process's runtime now (process exit does it by itself).
@@ -219,6 +267,20 @@ def call_authorize(authorize: Any, request: Any, record: TaskRecord, action: _ht
             allowed.close()
         msg = (
             "authorize must be a plain (sync) function under WSGI and Flask: it returned "
+            "an awaitable. Define it with `def`, not `async def`."
+        )
+        raise TypeError(msg)
+    return bool(allowed)
+
+
+def call_dashboard(allow: Any, request: Any) -> bool:
+    """Run a sync ``dashboard`` callable; refuse an async one with the fix in the message."""
+    allowed = allow(request)
+    if inspect.isawaitable(allowed):
+        if inspect.iscoroutine(allowed):
+            allowed.close()
+        msg = (
+            "dashboard must be a plain (sync) function under WSGI and Flask: it returned "
             "an awaitable. Define it with `def`, not `async def`."
         )
         raise TypeError(msg)
