@@ -71,6 +71,7 @@ class Runtime:
         process_idle_timeout: float = 60.0,
         max_result_bytes: int | None = 1 << 20,
         loop_block_warning: float | None = 1.0,
+        consume: bool = True,
     ) -> None:
         cfg = Config.check(
             limits=limits,
@@ -104,6 +105,8 @@ class Runtime:
         self.process_max_tasks = cfg.process_max_tasks
         self.process_idle_timeout = cfg.process_idle_timeout
         self.max_result_bytes = cfg.max_result_bytes
+        #: Runs durable work queued by other hosts (a shared store); False: enqueue only.
+        self.consume = bool(consume)
         self._store_arg = store
         from .stores import open_store
 
