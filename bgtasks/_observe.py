@@ -120,6 +120,15 @@ class Observer:
     ) -> None:
         """Attempt ``attempt`` ended after ``duration`` seconds."""
 
+    def step_started(self, task: ObservedTask, step: str) -> None:
+        """A step (``bgtasks.step.run``) of the task starts running, in the
+        context its function runs in (a kept step that is skipped does not)."""
+
+    def step_ended(
+        self, task: ObservedTask, step: str, error: BaseException | None, attempts: int
+    ) -> None:
+        """The step ended after ``attempts`` attempts (``error`` None if it succeeded)."""
+
     def finished(self, task: ObservedTask, status: str, duration: float) -> None:
         """The task reached ``status`` ("succeeded", "failed", "cancelled");
         ``duration`` is the seconds from its first start (0 if it never ran)."""

@@ -26,6 +26,7 @@ from ._observe import Observer, carrier, safely
 from ._registry import Registry
 from ._runner import Runner, Ticket
 from ._spec import Isolation, Kind, Spec, await_, describe, is_async_callable, not_work_error
+from ._state import ctl_of
 from ._task import FINISHED, TaskRecord
 from ._threads import ThreadPool
 from ._watch import Hub
@@ -70,6 +71,7 @@ class Runtime:
         process_idle_timeout: float = 60.0,
         max_result_bytes: int | None = 1 << 20,
         loop_block_warning: float | None = 1.0,
+        consume: bool = True,
     ) -> None:
         cfg = Config.check(
             limits=limits,
@@ -103,6 +105,8 @@ class Runtime:
         self.process_max_tasks = cfg.process_max_tasks
         self.process_idle_timeout = cfg.process_idle_timeout
         self.max_result_bytes = cfg.max_result_bytes
+        #: Runs durable work queued by other hosts (a shared store); False: enqueue only.
+        self.consume = bool(consume)
         self._store_arg = store
         from .stores import open_store
 
@@ -344,6 +348,8 @@ class Runtime:
             raise self._admission.refused(full)
         t = TaskHandle(self, task_id or new_id(), name)
         t._work = work
+        if type(work) is Spec and work.wake_at is not None:  # delayed: shown from the start
+            ctl_of(t).wake_at = work.wake_at
         self._registry.add(t)
         if announce and self._observers:
             self._announce(t)

@@ -24,6 +24,7 @@ from pydantic_core import to_json
 from . import _context
 from ._attempt import pause_wall, resume_wall
 from ._errors import StepOutsideTask
+from ._observe import safely
 from ._spec import is_async_callable
 from ._state import Ctl, StepState, ctl_of
 from ._task import ErrorInfo, StepRecord
@@ -108,6 +109,10 @@ async def run(
         st.status, st.error, st.finished_at = "running", None, None
     rt._runner.saved(t)
     b = rt.backoff
+    observers = rt._observers
+    observed = rt._runner.observed(t) if observers else None
+    for o in observers:
+        safely(o, "step_started", observed, step)
     try:
         async for attempt in stamina.retry_context(
             on=Exception,
@@ -128,7 +133,11 @@ async def run(
         st.error = ErrorInfo.from_exception(exc)
         st.finished_at = _now()
         rt._runner.saved(t)
+        for o in observers:
+            safely(o, "step_ended", observed, step, exc, st.attempts)
         raise
+    for o in observers:
+        safely(o, "step_ended", observed, step, None, st.attempts)
     st.status = "succeeded"
     st.finished_at = _now()
     rt._runner.saved(t)

@@ -140,6 +140,37 @@ class TracingObserver(Observer):
             span.end()
             otel_context.detach(token)
 
+    def step_started(self, task: ObservedTask, step: str) -> None:
+        # A child of the attempt's span, which is current where the step runs.
+        span = self._tracer.start_span(
+            f"step {step}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "messaging.system": _SYSTEM,
+                "messaging.message.id": task.id,
+                "bgtasks.step": step,
+            },
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        task.scratch[f"{self._key}.step.{step}"] = (span, token)
+
+    def step_ended(
+        self, task: ObservedTask, step: str, error: BaseException | None, attempts: int
+    ) -> None:
+        state = task.scratch.pop(f"{self._key}.step.{step}", None)
+        if state is None:
+            return
+        span, token = state
+        try:
+            span.set_attribute("bgtasks.step.attempts", attempts)
+            if error is not None:
+                span.set_attribute("error.type", _qualified(type(error)))
+                span.record_exception(error, escaped=True)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        finally:
+            span.end()
+            otel_context.detach(token)
+
     def finished(self, task: ObservedTask, status: str, duration: float) -> None:
         task.scratch.pop(self._key, None)
 

@@ -273,3 +273,38 @@ def test_a_missing_extra_names_the_install_command(module: str, blocked: str, ex
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert f"pip install 'bgtasks[{extra}]'" in proc.stderr
+
+
+async def test_each_step_is_a_child_span_of_its_attempt(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    async with Runtime(backoff=bgtasks.Backoff(0, 0, 0)) as rt:
+        bgtasks.otel.instrument(rt, tracer_provider=provider)
+        failures: list[int] = []
+
+        def flaky() -> str:
+            if not failures:
+                failures.append(1)
+                raise ConnectionError("once")
+            return "ok"
+
+        async def job() -> None:
+            await bgtasks.step.run("fetch", asyncio.sleep, 0)
+            await asyncio.gather(
+                bgtasks.step.run("a", asyncio.sleep, 0), bgtasks.step.run("b", flaky, retries=1)
+            )
+            await bgtasks.step.run("fetch", asyncio.sleep, 0)  # fetch#2
+
+        await rt.wait_until(job(), name="stepped").wait(5)
+        await rt.drain(5)
+    (attempt,) = spans(exporter, "process stepped")
+    assert attempt.context is not None
+    names = ["step fetch", "step a", "step b", "step fetch#2"]
+    for name in names:
+        (span,) = spans(exporter, name)
+        assert span.parent is not None and span.parent.span_id == attempt.context.span_id
+        assert span.kind is SpanKind.INTERNAL
+        assert attrs(span)["bgtasks.step"] == name.removeprefix("step ")
+    (b,) = spans(exporter, "step b")
+    assert attrs(b)["bgtasks.step.attempts"] == 2
+    assert b.status.status_code is StatusCode.UNSET

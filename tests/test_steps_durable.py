@@ -188,3 +188,32 @@ def test_the_fastapi_example_onboards_in_steps(
             ("send welcome", "succeeded"),
         ]
         assert client.get("/_bgtasks/").status_code == 200  # the dashboard, locally
+
+
+async def test_a_durable_delayed_task_survives_a_restart_and_starts_no_earlier(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path}/t.db?poll=0.1"
+    rt = Runtime(store=db, shutdown_grace=0.1)
+    async with rt:
+        token = bgtasks._context.active_runtime.set(rt)
+        try:
+            t0 = time.time()
+            handle = await durable_apps.double.using(delay=1.0).submit_async(4)
+        finally:
+            bgtasks._context.active_runtime.reset(token)
+        rec = rt.get(handle.id)
+        assert rec is not None and rec.status == "pending" and rec.wake_at is not None
+    # Shut down before it was due: it stays queued, with its wake-up time.
+    rt2 = Runtime(store=db)
+    async with rt2:
+        rec = rt2.get(handle.id)
+        assert rec is not None and rec.status == "pending", rec
+        for _ in range(300):
+            rec = rt2.get(handle.id)
+            if rec is not None and rec.status == "succeeded":
+                break
+            await asyncio.sleep(0.01)
+    assert rec is not None and rec.status == "succeeded", rec
+    assert rec.result == 8
+    assert rec.started_at is not None and rec.started_at.timestamp() >= t0 + 0.99

@@ -132,7 +132,7 @@ class Replay:
 
 async def replay_once(rt: Runtime, store: Store) -> int:
     """Claim journaled tasks and run them here; returns how many were claimed."""
-    if not rt.started:
+    if not rt.started or not rt.consume:  # Runtime(consume=False): enqueue only
         return 0
     limit = CLAIM_BATCH
     if rt.max_pending is not None:

@@ -188,6 +188,10 @@ def _outcome(begun: _Pending) -> TaskHandle:
 def _settle(begun: _Pending, existing: TaskRecord | None) -> TaskHandle:
     rt, t = begun.rt, begun.task
     if existing is None:
+        if begun.entry.durable and getattr(begun.store, "dispatches_durable", False):
+            # Committed with its engine's job: a consuming host runs it.
+            begun.ticket.retract()
+            return RemoteHandle.of(rt, t.record)
         return begun.ticket.launch()
     store = begun.store
     handle = rt.handle(existing.id)

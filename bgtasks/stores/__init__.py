@@ -37,9 +37,20 @@ def open_store(spec: object) -> Store:
             from .sqlite import SQLiteStore
 
             return SQLiteStore.from_url(spec)
+        if spec.startswith(("postgresql://", "postgres://")):
+            try:
+                from .postgres import PostgresStore
+            except ImportError as exc:
+                msg = (
+                    f"store={spec.split('://')[0]}://... needs the postgres extra "
+                    f"(pip install 'bgtasks[postgres]'): {exc}"
+                )
+                raise ValueError(msg) from exc
+            return PostgresStore.from_url(spec)
         msg = (
-            f"unknown store {spec!r}; use store='memory' or store='sqlite:///path/to/file.db' "
-            "(three slashes before a relative path, four before an absolute one)."
+            f"unknown store {spec!r}; use store='memory', store='sqlite:///path/to/file.db' "
+            "(three slashes before a relative path, four before an absolute one) or "
+            "store='postgresql://user:password@host:5432/db'."
         )
         raise ValueError(msg)
     if isinstance(spec, Store):
