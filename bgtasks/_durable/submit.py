@@ -269,7 +269,11 @@ class RemoteHandle(TaskHandle):
 
     @property
     def status(self) -> TaskStatus:
-        self._fresh()
+        """The stored status; on an event loop's thread, the last one read (a
+        store read there could hold the loop: ``await handle.wait()`` reads it
+        off the loop)."""
+        if asyncio._get_running_loop() is None:
+            self._fresh()
         return self._status
 
     @property
@@ -281,7 +285,7 @@ class RemoteHandle(TaskHandle):
         deadline = None if timeout is None else loop.time() + timeout
         delay = 0.02
         while True:
-            record = self.record
+            record = await asyncio.to_thread(self._fresh) or super().record
             if record.finished:
                 return record
             if deadline is not None and loop.time() + delay > deadline:
