@@ -96,6 +96,10 @@ class LoopWatch:
         self._warned: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._beat: asyncio.TimerHandle | None = None
+        # (the asyncio task running when the loop was first seen late, that beat):
+        # one task blocking the loop is the same task at every look until it lets
+        # go; a burst of many short tasks shows a different one each time.
+        self._suspect: tuple[object, float] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -114,20 +118,23 @@ class LoopWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self._interval):
-            lag = time.monotonic() - self._last
-            if lag >= self._threshold:
-                try:
-                    self._name_the_culprit(lag)
-                except Exception:  # never let the watch thread die
-                    logger.exception("bgtasks: the loop watch failed")
+            last = self._last
+            lag = time.monotonic() - last
+            if lag < self._threshold / 2:
+                self._suspect = None
+                continue
+            try:
+                loop = self._loop
+                running = None if loop is None else asyncio.current_task(loop)  # any thread
+                suspect = self._suspect
+                if running is None or suspect is None or suspect != (running, last):
+                    self._suspect = None if running is None else (running, last)
+                elif lag >= self._threshold:
+                    self._name_the_culprit(running, lag)
+            except Exception:  # never let the watch thread die
+                logger.exception("bgtasks: the loop watch failed")
 
-    def _name_the_culprit(self, lag: float) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        running = asyncio.current_task(loop)  # a read of the loop's current task: any thread
-        if running is None:
-            return
+    def _name_the_culprit(self, running: object, lag: float) -> None:
         for t in self._rt._registry.values():
             if t._task is running:
                 if t._id in self._warned:

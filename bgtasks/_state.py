@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._enforce import Slot
     from ._runtime import Runtime
 
-__all__ = ["Ctl", "StepState", "TaskState", "ctl_of", "jsonable", "utc"]
+__all__ = ["Ctl", "StepBook", "StepState", "TaskState", "book_of", "ctl_of", "jsonable", "utc"]
 
 _now = time.time
 logger = logging.getLogger("bgtasks")
@@ -47,7 +47,16 @@ def utc(ts: float | None) -> _dt.datetime | None:
 class StepState:
     """One step's state (see ``_steps``); its record is built by ``to_record``."""
 
-    __slots__ = ("attempts", "error", "finished_at", "name", "started_at", "status", "wake_at")
+    __slots__ = (
+        "_cached",
+        "attempts",
+        "error",
+        "finished_at",
+        "name",
+        "started_at",
+        "status",
+        "wake_at",
+    )
 
     def __init__(self, name: str, status: StepStatus) -> None:
         self.name = name
@@ -57,9 +66,16 @@ class StepState:
         self.finished_at: float | None = None
         self.error: ErrorInfo | None = None
         self.wake_at: float | None = None  # a sleep's wake-up time, fixed when first reached
+        self._cached: tuple[tuple[Any, ...], StepRecord] | None = None
 
     def to_record(self) -> StepRecord:
-        return StepRecord.model_construct(
+        """The step's record, rebuilt only when the step changed (a task's every
+        snapshot holds all its steps)."""
+        key = (self.status, self.attempts, self.started_at, self.finished_at, self.error)
+        cached = self._cached
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        record = StepRecord.model_construct(
             name=self.name,
             status=self.status,
             attempts=self.attempts,
@@ -67,6 +83,31 @@ class StepState:
             finished_at=utc(self.finished_at),
             error=self.error,
         )
+        self._cached = (key, record)
+        return record
+
+
+class StepBook:
+    """A task's steps: in the order they first ran; kept results by step name
+    (the task's life); calls of each name in this run (reset per attempt)."""
+
+    __slots__ = ("counts", "kept", "steps")
+
+    def __init__(self) -> None:
+        self.steps: dict[str, StepState] = {}
+        self.kept: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def records(self) -> tuple[StepState, ...]:
+        """The steps, copied (parallel steps add to them meanwhile)."""
+        return tuple(self.steps.values())
+
+
+def book_of(ctl: Ctl) -> StepBook:
+    book = ctl.book
+    if book is None:
+        book = ctl.book = StepBook()
+    return book
 
 
 class Ctl:
@@ -74,17 +115,15 @@ class Ctl:
     waiters, stops, steps), so the common task stays small."""
 
     __slots__ = (
+        "book",
         "callbacks",
         "claimed",
-        "counts",
         "durable",
-        "kept",
         "observed",
         "parked",
         "paused",
         "sleepers",
         "slot",
-        "steps",
         "stop_exc",
         "wake_at",
         "wall",
@@ -97,11 +136,7 @@ class Ctl:
         self.claimed = False  # a direct task's ending is being recorded
         self.observed: Any = None  # the ObservedTask, when observers are registered
         self.durable = False  # journaled: kept steps live in the store
-        # Steps, in the order they first ran; kept results by step name (the
-        # task's life); calls of each name in this run (reset per attempt).
-        self.steps: dict[str, StepState] = {}
-        self.kept: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
+        self.book: StepBook | None = None  # steps, only for tasks that use them
         self.wake_at: float | None = None  # pending until then (a delay or a sleep)
         self.wall: list[Any] | None = None  # the attempt's wall-clock deadline (see _attempt)
         # while asleep: (since, seconds left on the armed deadline, its callback, args)
@@ -163,7 +198,8 @@ class TaskState:
         x = self._x
         if x is not None:
             x.stop_exc = None
-            x.counts = {}
+            if x.book is not None:
+                x.book.counts = {}
 
     def _failed(self, exc: BaseException) -> None:
         """running -> failed; the hooks still run before ``_ended``."""
@@ -191,8 +227,8 @@ class TaskState:
         steps: tuple[StepRecord, ...] = ()
         wake_at = None
         if x is not None:
-            if x.steps:
-                steps = tuple(st.to_record() for st in tuple(x.steps.values()))
+            if x.book is not None and x.book.steps:
+                steps = tuple(st.to_record() for st in x.book.records())
             wake_at = x.wake_at
         return TaskSnapshot(
             id=self._id,
@@ -213,7 +249,7 @@ class TaskState:
     def _to_record(self) -> TaskRecord:
         """The task's record now: built here and nowhere else."""
         x = self._x
-        if x is not None and (x.steps or x.wake_at is not None):
+        if x is not None and (x.book is not None or x.wake_at is not None):
             return TaskRecord.model_construct(
                 id=self._id,
                 name=self._name,
@@ -225,7 +261,7 @@ class TaskState:
                 error=self._error,
                 result=self._result,
                 progress=self._progress,
-                steps=[st.to_record() for st in tuple(x.steps.values())],
+                steps=[] if x.book is None else [st.to_record() for st in x.book.records()],
                 wake_at=utc(x.wake_at),
             )
         return TaskRecord.model_construct(

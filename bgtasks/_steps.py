@@ -26,7 +26,7 @@ from ._attempt import pause_wall, resume_wall
 from ._errors import StepOutsideTask
 from ._observe import safely
 from ._spec import is_async_callable
-from ._state import Ctl, StepState, ctl_of
+from ._state import Ctl, StepState, book_of, ctl_of
 from ._task import ErrorInfo, StepRecord
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ def _check_name(name: object, what: str) -> str:
 
 
 def _step_name(ctl: Ctl, name: str) -> str:
-    k = ctl.counts.get(name, 0) + 1
-    ctl.counts[name] = k
+    counts = book_of(ctl).counts
+    k = counts[name] = counts.get(name, 0) + 1
     return name if k == 1 else f"{name}#{k}"
 
 
@@ -98,13 +98,14 @@ async def run(
     t = _task("run")
     ctl = ctl_of(t)
     step = _step_name(ctl, name)
-    if step in ctl.kept:
-        value: T = ctl.kept[step]
+    book = book_of(ctl)
+    if step in book.kept:
+        value: T = book.kept[step]
         return value
     rt = t._rt
-    st = ctl.steps.get(step)
+    st = book.steps.get(step)
     if st is None:
-        st = ctl.steps[step] = StepState(step, "running")
+        st = book.steps[step] = StepState(step, "running")
     else:  # it failed in an earlier run of the task
         st.status, st.error, st.finished_at = "running", None, None
     rt._runner.saved(t)
@@ -114,19 +115,23 @@ async def run(
     for o in observers:
         safely(o, "step_started", observed, step)
     try:
-        async for attempt in stamina.retry_context(
-            on=Exception,
-            attempts=(retries or 0) + 1,
-            timeout=None,
-            wait_initial=b.initial,
-            wait_max=b.max,
-            wait_jitter=b.jitter,
-        ):
-            with attempt:
-                st.attempts += 1
-                if st.attempts > 1:
-                    rt._runner.saved(t)
-                result = await _call(fn, args, kwargs)
+        if not retries:  # one attempt: no retry machinery to build
+            st.attempts += 1
+            result = await _call(fn, args, kwargs)
+        else:
+            async for attempt in stamina.retry_context(
+                on=Exception,
+                attempts=retries + 1,
+                timeout=None,
+                wait_initial=b.initial,
+                wait_max=b.max,
+                wait_jitter=b.jitter,
+            ):
+                with attempt:
+                    st.attempts += 1
+                    if st.attempts > 1:
+                        rt._runner.saved(t)
+                    result = await _call(fn, args, kwargs)
         kept = await keep(t, ctl, step, result)
     except BaseException as exc:
         st.status = "failed"
@@ -162,7 +167,7 @@ async def keep(t: TaskHandle, ctl: Ctl, step: str, value: Any) -> Any:
     """
     if ctl.durable:
         value = await _keep_durably(t, step, value)
-    ctl.kept[step] = value
+    book_of(ctl).kept[step] = value
     return value
 
 
@@ -218,16 +223,17 @@ async def sleep_until(name: str, when: _dt.datetime) -> None:
 async def _sleep(t: TaskHandle, name: str, wake_at: Callable[[], float]) -> None:
     ctl = ctl_of(t)
     step = _step_name(ctl, name)
+    book = book_of(ctl)
     rt = t._rt
-    st = ctl.steps.get(step)
-    if step in ctl.kept:
+    st = book.steps.get(step)
+    if step in book.kept:
         if st is not None and st.status == "sleeping":  # parked, and now woken up
             st.status = "succeeded"
             st.finished_at = _now()
             rt._runner.saved(t)
         return
     if st is None:
-        st = ctl.steps[step] = StepState(step, "sleeping")
+        st = book.steps[step] = StepState(step, "sleeping")
     if st.wake_at is None:
         st.wake_at = wake_at()  # fixed when first reached: a rerun does not sleep again
     st.status = "sleeping"
@@ -290,9 +296,10 @@ def restore(t: TaskHandle, kept: dict[str, str], raw_steps: str | None) -> None:
     """A durable task claimed again: its kept results and its steps' records."""
     ctl = ctl_of(t)
     ctl.durable = True
+    book = book_of(ctl)
     for name, text in kept.items():
         try:
-            ctl.kept[name] = json.loads(text)
+            book.kept[name] = json.loads(text)
         except ValueError:  # unreadable: the step runs again
             continue
     if raw_steps:
@@ -306,7 +313,7 @@ def restore(t: TaskHandle, kept: dict[str, str], raw_steps: str | None) -> None:
             st.started_at = rec.started_at.timestamp() if rec.started_at else None
             st.finished_at = rec.finished_at.timestamp() if rec.finished_at else None
             st.error = rec.error
-            ctl.steps[rec.name] = st
+            book.steps[rec.name] = st
 
 
 _step_records = pydantic.TypeAdapter(list[StepRecord])

@@ -257,3 +257,18 @@ def test_a_store_that_cannot_answer_gives_503_not_500() -> None:
         assert "/srv/secret" not in r.get_data(as_text=True)
     finally:
         assert state.middleware.stop(10)
+
+
+async def test_a_burst_of_short_tasks_is_not_blamed_for_a_busy_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "bgtasks")
+    async with Runtime(loop_block_warning=0.05, max_pending=None) as rt:
+
+        async def noop() -> None:
+            pass
+
+        for _ in range(30_000):  # the loop then runs them all in few long iterations
+            rt.wait_until(noop())
+        assert await rt.drain(30)
+    assert not [r for r in caplog.records if "blocked the event loop" in r.getMessage()]
