@@ -1,6 +1,7 @@
 """Cost of ``wait_until`` against ``asyncio.create_task`` + a done-callback.
 
-    python bench/overhead.py            # 10k and 100k tasks, 5 rounds, medians
+    python bench/overhead.py            # 10k and 100k tasks, 3 rounds, medians
+    python bench/overhead.py --rounds 5 # the figures in docs/benchmarks.md
     python bench/overhead.py --quick    # smaller, for a smoke run
     python bench/overhead.py --instrumented --rounds 9   # the instrumentation figures
 
@@ -298,7 +299,7 @@ async def main(sizes: list[int], rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k tasks, 3 rounds")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--instrumented", action="store_true", help="instrumentation against none, 10k tasks"
     )
