@@ -17,8 +17,14 @@ import concurrent.futures
 import contextvars
 import logging
 import os
+import sys
 import tempfile
 import time
+
+# BENCH_BGTASKS_SRC=DIR measures the bgtasks package in DIR (another checkout,
+# e.g. an older commit) with this script, for a before/after of the same bench.
+if os.environ.get("BENCH_BGTASKS_SRC"):
+    sys.path.insert(0, os.environ["BENCH_BGTASKS_SRC"])
 
 import bgtasks
 
@@ -98,6 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     args.tasks -= args.tasks % args.threads  # the same share for every caller
     logging.getLogger("bgtasks").setLevel(logging.ERROR)  # durable on memory warns
+    print(f"bgtasks from {os.path.dirname(bgtasks.__file__)}")
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db or os.path.join(tmp, "bench.db")
         for label, store in (("memory", "memory"), ("sqlite", f"sqlite:///{db}")):

@@ -41,6 +41,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
+# BENCH_BGTASKS_SRC=DIR measures the bgtasks package in DIR (another checkout,
+# e.g. an older commit) with this script, for a before/after of the same bench.
+if os.environ.get("BENCH_BGTASKS_SRC"):
+    sys.path.insert(0, os.environ["BENCH_BGTASKS_SRC"])
+
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import re  # noqa: E402
@@ -206,6 +211,9 @@ def can_instrument() -> bool:
     try:
         import opentelemetry.sdk.trace  # noqa: F401
         import prometheus_client  # noqa: F401
+
+        import bgtasks.otel  # absent from older checkouts
+        import bgtasks.prometheus  # noqa: F401
     except ImportError:
         return False
     return True
@@ -248,7 +256,10 @@ def start_server(port: int, *, instrumented: bool = False) -> subprocess.Popen[b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
-    parser.add_argument("--runs", type=int, default=5, help="rounds over the five routes")
+    parser.add_argument("--runs", type=int, default=3, help="rounds over the five routes")
+    parser.add_argument(
+        "--no-obs", action="store_true", help="skip the instrumented server (before/after runs)"
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--python-load", action="store_true", help="do not use wrk")
     args = parser.parse_args()
@@ -262,12 +273,15 @@ def main() -> None:
     procs = [start_server(port)]
     # (label, port, path) of every measurement; the instrumented server's labels end in "+obs".
     targets = [(route, port, route) for route in ROUTES]
-    if can_instrument():
+    print(f"bgtasks from {os.path.dirname(bgtasks.__file__)}", flush=True)
+    if not args.no_obs and can_instrument():
         port2 = free_port()
         procs.append(start_server(port2, instrumented=True))
         targets += [(f"{route}+obs", port2, route) for route in INSTRUMENTED]
     else:
-        print("(opentelemetry-sdk or prometheus-client missing: no instrumented figures)")
+        print(
+            "(--no-obs, or opentelemetry-sdk or prometheus-client missing: no instrumented figures)"
+        )
     servers = {port: psutil.Process(procs[0].pid)}
     if len(procs) == 2:
         servers[port2] = psutil.Process(procs[1].pid)

@@ -1,8 +1,9 @@
 """Cost of ``wait_until`` against ``asyncio.create_task`` + a done-callback.
 
-    python bench/overhead.py            # 10k and 100k tasks, 5 rounds, medians
+    python bench/overhead.py            # 10k and 100k tasks, 3 rounds, medians
+    python bench/overhead.py --rounds 5 # the figures in docs/benchmarks.md
     python bench/overhead.py --quick    # smaller, for a smoke run
-    python bench/overhead.py --instrumented --rounds 9   # only the instrumentation figures
+    python bench/overhead.py --instrumented --rounds 9   # the instrumentation figures
 
 Each round measures the baseline and bgtasks back to back in the same
 process, so the ratios hold on a noisy machine even when the absolute
@@ -13,7 +14,8 @@ least any design with a handle, a wrapper coroutine and a current-task
 context variable per task costs, written in plain asyncio. Then the cost of
 instrumentation (``bgtasks.prometheus``, ``bgtasks.otel`` with the
 OpenTelemetry SDK recording every span, and both) against the same runtime
-uninstrumented, in the same rounds; skipped when the extras are missing.
+uninstrumented, in the same rounds, with ``--instrumented`` (skipped when the
+extras are missing).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
+
+# BENCH_BGTASKS_SRC=DIR measures the bgtasks package in DIR (another checkout,
+# e.g. an older commit) with this script, for a before/after of the same bench.
+if os.environ.get("BENCH_BGTASKS_SRC"):
+    sys.path.insert(0, os.environ["BENCH_BGTASKS_SRC"])
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
@@ -243,40 +250,42 @@ async def instrumented(n: int, rounds: int) -> None:
 
 async def main(sizes: list[int], rounds: int) -> None:
     print(f"python {sys.version.split()[0]}, bgtasks {bgtasks.__version__}, rounds={rounds}")
-    if True:
-        for n in sizes:
-            base, least, ours = [], [], []
-            for _ in range(rounds):
-                gc.collect()
-                base.append(await baseline(n, noop))
-                gc.collect()
-                least.append(await floor(n, noop))
-                gc.collect()
-                ours.append(await with_bgtasks(n, noop, None))
-            b, f, o = statistics.median(base), statistics.median(least), statistics.median(ours)
-            print(
-                f"n={n:>7}: create_task+callback {b * 1e6:6.2f} us/task   "
-                f"wait_until {o * 1e6:6.2f} us/task   ratio {o / b:.2f}x   "
-                f"(floor {f / b:.2f}x)"
-            )
+    print(f"bgtasks from {os.path.dirname(bgtasks.__file__)}")
+    for n in sizes:
+        base, least, ours = [], [], []
+        for _ in range(rounds):
+            gc.collect()
+            base.append(await baseline(n, noop))
+            gc.collect()
+            least.append(await floor(n, noop))
+            gc.collect()
+            ours.append(await with_bgtasks(n, noop, None))
+        b, f, o = statistics.median(base), statistics.median(least), statistics.median(ours)
+        # wait_until against the floor, round by round (the two ran back to back).
+        over_floor = statistics.median(x / y for x, y in zip(ours, least, strict=True))
+        print(
+            f"n={n:>7}: create_task+callback {b * 1e6:6.2f} us/task   "
+            f"wait_until {o * 1e6:6.2f} us/task   ratio {o / b:.2f}x   "
+            f"(floor {f / b:.2f}x; wait_until / floor {over_floor:.2f}x)"
+        )
 
-        n = sizes[0]
-        budget = Limits(wall_clock=60, cpu_time=60)
-        for label, work in (("tiny steps (~5 us)", small_work), ("typical steps", typical_work)):
-            plain, limited = [], []
-            for _ in range(rounds):
-                gc.collect()
-                plain.append(await with_bgtasks(n, work, None))
-                gc.collect()
-                limited.append(await with_bgtasks(n, work, budget))
-            p, lim = statistics.median(plain), statistics.median(limited)
-            print(
-                f"limits, {label}, n={n}: none {p * 1e6:6.2f} us/task   "
-                f"wall_clock+cpu_time {lim * 1e6:6.2f} us/task   "
-                f"overhead {100 * (lim / p - 1):+.1f}% ({(lim - p) * 1e6 / 4:.2f} us per step)"
-            )
-
-    await instrumented(sizes[0], rounds)
+    n = sizes[0]
+    budget = Limits(wall_clock=60, cpu_time=60)
+    for label, work in (("tiny steps (~5 us)", small_work), ("typical steps", typical_work)):
+        plain, limited = [], []
+        for _ in range(rounds):
+            gc.collect()
+            plain.append(await with_bgtasks(n, work, None))
+            gc.collect()
+            limited.append(await with_bgtasks(n, work, budget))
+        p, lim = statistics.median(plain), statistics.median(limited)
+        paired = statistics.median(x / y for x, y in zip(limited, plain, strict=True))
+        print(
+            f"limits, {label}, n={n}: none {p * 1e6:6.2f} us/task   "
+            f"wall_clock+cpu_time {lim * 1e6:6.2f} us/task   "
+            f"overhead {100 * (lim / p - 1):+.1f}% (paired by round {100 * (paired - 1):+.1f}%; "
+            f"{(lim - p) * 1e6 / 4:.2f} us per step)"
+        )
 
     big = sizes[-1]
     base_mem = await pending_memory(big, use_bgtasks=False)
@@ -290,9 +299,9 @@ async def main(sizes: list[int], rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k tasks, 3 rounds")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--instrumented", action="store_true", help="only instrumentation against none, 10k tasks"
+        "--instrumented", action="store_true", help="instrumentation against none, 10k tasks"
     )
     args = parser.parse_args()
     if args.instrumented:
