@@ -41,6 +41,8 @@ Op = Callable[[sqlite3.Connection], Any]
 
 #: Most queued items one transaction takes.
 BATCH = 1000
+#: Most ids of released or parked tasks whose saves this process drops early.
+MAX_DROPPED = 10_000
 
 # One statement for every transition. The row is created by the first save (or
 # by the journal); the WHERE keeps a process that lost a task (to another owner,
@@ -72,7 +74,10 @@ class Writer:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._dirty: dict[str, TaskSnapshot] = {}
         self._dirty_lock = threading.Lock()
-        self._dropped: set[str] = set()  # released or parked: their saves are dropped
+        # Released or parked tasks, oldest first: their late saves are dropped here
+        # (the upsert's WHERE on the owner refuses them anyway; this saves the
+        # write). Bounded: a task another process claimed would stay forever.
+        self._dropped: dict[str, None] = {}
         self._thread: threading.Thread | None = None
         self.closed = concurrent.futures.Future[None]()
         self.is_open = False
@@ -121,11 +126,16 @@ class Writer:
 
     def drop(self, ids: Iterable[str]) -> None:
         """Later saves of these tasks are not written (released or parked)."""
-        self._dropped.update(ids)
+        dropped = self._dropped
+        for task_id in ids:
+            dropped[task_id] = None
+        while len(dropped) > MAX_DROPPED:
+            del dropped[next(iter(dropped))]
 
     def undrop(self, ids: Iterable[str]) -> None:
         """These tasks are ours again (claimed): write their saves."""
-        self._dropped.difference_update(ids)
+        for task_id in ids:
+            self._dropped.pop(task_id, None)
 
     def not_open_msg(self) -> str:
         return (
