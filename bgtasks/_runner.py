@@ -188,7 +188,12 @@ class Runner:
     async def attempts(self, t: TaskHandle, work: Any) -> None:
         spec = Spec("coro", work) if type(work) is _CoroutineType else work
         if spec.kind == "coro" or spec.retries == 0:
-            result = await self.one(t, spec, last=True)
+            if self.rt._observers:
+                result = await self.one(t, spec, last=True)
+            else:  # one attempt, nobody watching: no extra coroutine per task
+                t._begin_attempt()
+                self.saved(t)
+                result = await attempt(self.rt, t, spec)
             self.succeed(t, result)
             return
         b = self.rt.backoff
