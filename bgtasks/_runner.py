@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -124,8 +125,6 @@ class Runner:
             t._task = loop.create_task(self.run(t))
         else:
             # Run spawn in a copy of the caller's context: the task gets that copy.
-            import contextvars
-
             loop.call_soon_threadsafe(self.spawn, t, context=contextvars.copy_context())
 
     def spawn(self, t: TaskHandle) -> None:

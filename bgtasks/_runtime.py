@@ -7,6 +7,7 @@ import contextvars
 import inspect
 import logging
 import threading
+import time
 import types
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -415,8 +416,6 @@ class Runtime:
 
     def expire(self) -> int:
         """Forget finished tasks older than ``retention``; returns how many."""
-        import time
-
         cutoff = time.time() - self.retention
         n = self._registry.expire(cutoff)
         self.store.expire(cutoff)

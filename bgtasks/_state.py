@@ -249,21 +249,7 @@ class TaskState:
     def _to_record(self) -> TaskRecord:
         """The task's record now: built here and nowhere else."""
         x = self._x
-        if x is not None and (x.book is not None or x.wake_at is not None):
-            return TaskRecord.model_construct(
-                id=self._id,
-                name=self._name,
-                status=self._status,
-                created_at=utc(self._created_at),
-                started_at=utc(self._started_at),
-                finished_at=utc(self._finished_at),
-                attempts=self._attempts,
-                error=self._error,
-                result=self._result,
-                progress=self._progress,
-                steps=[] if x.book is None else [st.to_record() for st in x.book.records()],
-                wake_at=utc(x.wake_at),
-            )
+        book = None if x is None else x.book
         return TaskRecord.model_construct(
             id=self._id,
             name=self._name,
@@ -275,6 +261,8 @@ class TaskState:
             error=self._error,
             result=self._result,
             progress=self._progress,
+            steps=[] if book is None else [st.to_record() for st in book.records()],
+            wake_at=None if x is None else utc(x.wake_at),
         )
 
 
